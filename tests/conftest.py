@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random Mistral checkpoints (a base and perturbed 'experts') with a real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from evomerge.zoo.tokenizer import train_tokenizer
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEXTS = [
+    "問題：太郎はりんごを3個持っています。5個もらいました。全部で何個ですか？\n答え：3 + 5 = 8。答えは8個です。",
+    "Question: Tom has 12 apples. He gets 9 more. How many apples does he have?\nAnswer: 12 + 9 = 21. The answer is 21.",
+    "質問：花子は何を持っていますか？\n答え：花子は青いぼうしを持っています。",
+] * 10
+
+
+def tiny_config(vocab_size: int, layers: int = 2) -> MistralConfig:
+    return MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A base and two experts (base + seeded noise), each a complete HF directory with safetensors and tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_zoo")
+    tokenizer = train_tokenizer(TEXTS, vocab_size=160)
+    torch.manual_seed(0)
+    base = MistralForCausalLM(tiny_config(len(tokenizer)))
+    paths = {}
+    for name, scale in [("base", 0.0), ("expert_a", 0.02), ("expert_b", 0.02)]:
+        model = MistralForCausalLM(base.config)
+        model.load_state_dict(base.state_dict())
+        if scale:
+            gen = torch.Generator().manual_seed(len(paths))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * scale)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
