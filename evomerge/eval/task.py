@@ -1,0 +1,471 @@
+"""Tasks as data: each `tasks/<name>.yaml` names its data per split, its prompt template, its scorer and
+its primary metric; this module loads them, reads their data, builds prompts and scores generations.
+
+A split is read from a local TSV (`question<TAB>answer`, no header) or JSONL (`{"question", "answer"}`
+per line) when that file exists, and otherwise from the hub (`datasets.load_dataset`) when the split names
+a hub dataset, so offline machines and tests never touch the network. Paths may use `${variable}`; a
+task's YAML can give defaults under `variables:`, the caller's mapping overrides them, and `${tasks_dir}`
+is always the directory holding the YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.eval.language import is_japanese, japanese_probabilities
+from evomerge.eval.scoring import (
+    Number,
+    extract_last_number,
+    first_line,
+    numbers_match,
+    parse_gold_number,
+    phrase_in_first_line,
+)
+
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+SCORERS = ("last_number", "phrase_first_line")
+SAMPLE_METRICS = ("acc", "acc_ja", "ja_rate")
+_VARIABLE = re.compile(r"\$\{(\w+)\}")
+_TEMPLATE_FIELD = re.compile(r"\{(question|answer)\}")
+
+
+class TaskError(ValueError):
+    """A task definition, its variables or its data are wrong; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """The rows of one split and where they were read from (a file path or `hub:<dataset>`)."""
+
+    split: str
+    examples: tuple[Example, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    extracted: Number | str | None  # the number read from the generation, or its first line for phrase tasks
+    correct: bool
+    japanese_prob: float
+
+    @property
+    def is_japanese(self) -> bool:
+        return is_japanese(self.japanese_prob)
+
+    @property
+    def correct_ja(self) -> bool:
+        return self.correct and self.is_japanese
+
+
+@dataclass(frozen=True)
+class HubSource:
+    path: str
+    name: str | None
+    split: str
+    question_field: str
+    answer_field: str
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    local: str | None  # may hold ${variables}; resolved when the split is read
+    hub: HubSource | None
+
+
+def _fill_template(template: str, **fields: str) -> str:
+    """Substitute {question}/{answer} in one pass, so braces inside the inserted text are left alone."""
+    return _TEMPLATE_FIELD.sub(lambda match: fields[match.group(1)], template)
+
+
+class Task:
+    """One scored task: prompts from a template, generations scored by `scorer`, fitness = `primary_metric`."""
+
+    def __init__(
+        self,
+        name: str,
+        config_path: Path,
+        template: str,
+        scorer: str,
+        primary_metric: str,
+        max_new_tokens: int,
+        stop_strings: tuple[str, ...],
+        splits: Mapping[str, SplitSource],
+        variables: Mapping[str, str],
+        fewshot_prefix: str = "",
+        fingerprint: str = "",
+    ) -> None:
+        self.name = name
+        self.config_path = config_path
+        self.template = template
+        self.scorer = scorer
+        self.primary_metric = primary_metric
+        self.max_new_tokens = max_new_tokens
+        self.stop_strings = stop_strings
+        self.splits = dict(splits)
+        self.variables = dict(variables)
+        self.fewshot_prefix = fewshot_prefix  # already placed inside `template` when the task was loaded
+        self.fingerprint = fingerprint
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, splits={sorted(self.splits)}, metric={self.primary_metric!r})"
+
+    def build_prompt(self, question: str) -> str:
+        return _fill_template(self.template, question=question)
+
+    def load_split(self, split: str) -> SplitData:
+        """The split's rows: the local file if it exists, else the hub dataset, else a TaskError naming both."""
+        source = self._split_source(split)
+        where = f"task {self.name!r} split {split!r} ({self.config_path})"
+        problems = []
+        if source.local is not None:
+            path = Path(_resolve_variables(source.local, self.variables, f"{where}, splits.{split}.local")).resolve()
+            if path.is_file():
+                examples = _read_local_rows(path, numeric_answers=self.scorer == "last_number")
+                return SplitData(split, examples, str(path))
+            problems.append(f"data file {path} does not exist")
+        if source.hub is not None:
+            try:
+                return SplitData(split, _read_hub_rows(source.hub), f"hub:{source.hub.path}/{source.hub.name}")
+            except Exception as error:  # offline, unknown dataset, missing column: report it with the rest
+                problems.append(f"hub dataset {source.hub.path!r} ({source.hub.name}) could not be loaded: {error}")
+        raise TaskError(f"no data for {where}: " + "; ".join(problems))
+
+    def _split_source(self, split: str) -> SplitSource:
+        if split not in self.splits:
+            raise TaskError(
+                f"task {self.name!r} has no split {split!r}; its splits are {sorted(self.splits)} ({self.config_path})"
+            )
+        return self.splits[split]
+
+    def score(self, generations: Sequence[str], golds: Sequence[str]) -> list[SampleScore]:
+        """Score each generation against its gold; the Japanese probability is on the whole generation."""
+        if len(generations) != len(golds):
+            raise ValueError(f"{len(generations)} generations for {len(golds)} gold answers")
+        probabilities = japanese_probabilities(generations)
+        scores = []
+        for generation, gold, probability in zip(generations, golds, probabilities):
+            if self.scorer == "last_number":
+                extracted: Number | str | None = extract_last_number(generation)
+                correct = numbers_match(extracted, parse_gold_number(gold))
+            else:
+                extracted = first_line(generation)
+                correct = phrase_in_first_line(generation, gold)
+            scores.append(SampleScore(extracted, correct, probability))
+        return scores
+
+    def metrics(self, scores: Sequence[SampleScore], split: str) -> dict[str, Any]:
+        """acc, acc_ja, ja_rate, n, the split, and `score` = the primary metric (the search fitness)."""
+        n = len(scores)
+        if n == 0:
+            raise ValueError(f"no samples to score for task {self.name!r} split {split!r}")
+        metrics: dict[str, Any] = {
+            "acc": sum(s.correct for s in scores) / n,
+            "acc_ja": sum(s.correct_ja for s in scores) / n,
+            "ja_rate": sum(s.is_japanese for s in scores) / n,
+            "n": n,
+        }
+        metrics["score"] = metrics[self.primary_metric]
+        metrics["split"] = split
+        return metrics
+
+
+@dataclass(frozen=True)
+class Component:
+    task: Task
+    metric: str
+
+
+class CompositeTask:
+    """Several (task, metric) components; `score` is their mean, and each component's metrics are kept as
+    `<task>/<metric>` so a multi-objective search can read the objectives separately."""
+
+    primary_metric = "score"
+
+    def __init__(self, name: str, config_path: Path, components: Sequence[Component], fingerprint: str = "") -> None:
+        self.name = name
+        self.config_path = config_path
+        self.components = tuple(components)
+        self.fingerprint = fingerprint
+
+    def __repr__(self) -> str:
+        return f"CompositeTask({self.name!r}, components={[(c.task.name, c.metric) for c in self.components]})"
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [f"{c.task.name}/{c.metric}" for c in self.components]
+
+    def combine(self, component_metrics: Mapping[str, Mapping[str, Any]], split: str) -> dict[str, Any]:
+        """`score` = mean of the component metrics; acc/acc_ja/ja_rate pooled over all samples; n = total."""
+        total = sum(m["n"] for m in component_metrics.values())
+        metrics: dict[str, Any] = {
+            key: sum(m[key] * m["n"] for m in component_metrics.values()) / total for key in SAMPLE_METRICS
+        }
+        metrics["n"] = total
+        objectives = [component_metrics[c.task.name][c.metric] for c in self.components]
+        metrics["score"] = sum(objectives) / len(objectives)
+        metrics["split"] = split
+        for task_name, task_metrics in component_metrics.items():
+            for key, value in task_metrics.items():
+                if key != "split":
+                    metrics[f"{task_name}/{key}"] = value
+        return metrics
+
+
+AnyTask = Task | CompositeTask
+
+
+def available_tasks(tasks_dir: Path = TASKS_DIR) -> list[str]:
+    return sorted(path.stem for path in Path(tasks_dir).glob("*.yaml"))
+
+
+def load_task(
+    name: str, variables: Mapping[str, Any] | None = None, tasks_dir: str | Path = TASKS_DIR
+) -> AnyTask:
+    """Load `tasks/<name>.yaml`. `variables` fills `${...}` in data paths (e.g. {"zoo_dir": ...});
+    unset ones are only an error when a split that needs them is read."""
+    tasks_dir = Path(tasks_dir)
+    config, path = _read_config(name, tasks_dir)
+    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    if "components" in config:
+        _check_keys(config, {"name", "description", "components"}, path)
+        components = []
+        for index, entry in enumerate(_require(config, "components", list, path)):
+            if not isinstance(entry, dict) or set(entry) != {"task", "metric"}:
+                raise TaskError(f"{path}: components[{index}] must be a mapping with exactly 'task' and 'metric'")
+            task = load_task(entry["task"], variables, tasks_dir)
+            if not isinstance(task, Task):
+                raise TaskError(f"{path}: component {entry['task']!r} is itself a composite; nest only plain tasks")
+            components.append(Component(task, _check_metric(entry["metric"], path)))
+        if not components:
+            raise TaskError(f"{path}: 'components' is empty")
+        return CompositeTask(name, path, components, fingerprint)
+    return _build_task(name, config, path, variables or {}, fingerprint)
+
+
+def _read_config(name: str, tasks_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
+    """The task's YAML as a dict, with `extends: <base>` merged in (this file's keys win, mappings merge)."""
+    path = tasks_dir / f"{name}.yaml"
+    if not path.is_file():
+        raise TaskError(f"unknown task {name!r}; known tasks in {tasks_dir}: {available_tasks(tasks_dir)}")
+    with path.open(encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    if not isinstance(config, dict):
+        raise TaskError(f"{path}: expected a mapping at the top level")
+    if config.get("name") != name:
+        raise TaskError(f"{path}: 'name' is {config.get('name')!r} but the file is named {name!r}")
+    base_name = config.pop("extends", None)
+    if base_name is None:
+        return config, path
+    if base_name in seen + (name,):
+        raise TaskError(f"{path}: 'extends' forms a cycle through {base_name!r}")
+    base, _ = _read_config(base_name, tasks_dir, seen + (name,))
+    return _deep_merge(base, config), path
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build_task(
+    name: str, config: dict[str, Any], path: Path, caller_variables: Mapping[str, Any], fingerprint: str
+) -> Task:
+    _check_keys(
+        config,
+        {"name", "description", "variables", "scorer", "primary_metric", "prompt", "fewshot", "generation", "splits"},
+        path,
+    )
+    scorer = _require(config, "scorer", str, path)
+    if scorer not in SCORERS:
+        raise TaskError(f"{path}: unknown scorer {scorer!r}; expected one of {list(SCORERS)}")
+    prompt = _require(config, "prompt", dict, path)
+    _check_keys(prompt, {"template"}, path, "prompt")
+    template = _require(prompt, "template", str, path)
+    if "{question}" not in template:
+        raise TaskError(f"{path}: prompt.template has no {{question}} placeholder")
+    generation = _require(config, "generation", dict, path)
+    _check_keys(generation, {"max_new_tokens", "stop"}, path, "generation")
+    stop_strings = tuple(generation.get("stop", []))
+    if not all(isinstance(stop, str) and stop for stop in stop_strings):
+        raise TaskError(f"{path}: generation.stop must be a list of non-empty strings")
+
+    variables = {"tasks_dir": str(path.parent)}
+    variables.update({key: str(value) for key, value in (config.get("variables") or {}).items()})
+    variables.update({key: str(value) for key, value in caller_variables.items() if value is not None})
+    variables = {key: _resolve_variables(value, variables, f"{path} variable {key!r}") for key, value in variables.items()}
+
+    splits = {
+        split: _parse_split_source(split, entry, path) for split, entry in _require(config, "splits", dict, path).items()
+    }
+    if not splits:
+        raise TaskError(f"{path}: 'splits' is empty")
+    fewshot_prefix = ""
+    if "fewshot" in config:
+        template, fewshot_prefix = _insert_fewshot(template, config["fewshot"], variables, path)
+    return Task(
+        name=name,
+        config_path=path,
+        template=template,
+        scorer=scorer,
+        primary_metric=_check_metric(_require(config, "primary_metric", str, path), path),
+        max_new_tokens=_require(generation, "max_new_tokens", int, path),
+        stop_strings=stop_strings,
+        splits=splits,
+        variables=variables,
+        fewshot_prefix=fewshot_prefix,
+        fingerprint=fingerprint,
+    )
+
+
+def _parse_split_source(split: str, entry: Any, path: Path) -> SplitSource:
+    if not isinstance(entry, dict) or not entry or not set(entry) <= {"local", "hub"}:
+        raise TaskError(f"{path}: splits.{split} must be a mapping with 'local' and/or 'hub'")
+    hub = entry.get("hub")
+    hub_source = None
+    if hub is not None:
+        _check_keys(hub, {"path", "name", "split", "question_field", "answer_field"}, path, f"splits.{split}.hub")
+        hub_source = HubSource(
+            path=_require(hub, "path", str, path),
+            name=hub.get("name"),
+            split=hub.get("split", split),
+            question_field=hub.get("question_field", "question"),
+            answer_field=hub.get("answer_field", "answer"),
+        )
+    return SplitSource(local=entry.get("local"), hub=hub_source)
+
+
+def _insert_fewshot(template: str, fewshot: Any, variables: Mapping[str, str], path: Path) -> tuple[str, str]:
+    """Render the exemplars with `example_template` and insert them before the first `insert_before` marker
+    of the zero-shot template, so the zero-shot text itself is reused unchanged."""
+    if not isinstance(fewshot, dict):
+        raise TaskError(f"{path}: 'fewshot' must be a mapping")
+    _check_keys(fewshot, {"path", "question_field", "answer_field", "example_template", "insert_before"}, path, "fewshot")
+    marker = _require(fewshot, "insert_before", str, path)
+    position = template.find(marker)
+    if position < 0:
+        raise TaskError(f"{path}: fewshot.insert_before {marker!r} does not occur in prompt.template")
+    exemplar_path = Path(_resolve_variables(_require(fewshot, "path", str, path), variables, f"{path} fewshot.path"))
+    exemplars = _read_exemplars(exemplar_path, fewshot.get("question_field", "q"), fewshot.get("answer_field", "a"))
+    example_template = _require(fewshot, "example_template", str, path)
+    prefix = "".join(_fill_template(example_template, question=e.question, answer=e.answer) for e in exemplars)
+    return template[:position] + prefix + template[position:], prefix
+
+
+def _read_exemplars(path: Path, question_field: str, answer_field: str) -> list[Example]:
+    """Exemplars from a JSON list, or from `{"exemplars": {"1": {...}, ...}}` (MGSM's layout) in key order."""
+    if not path.is_file():
+        raise TaskError(f"few-shot exemplar file {path} does not exist")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    entries = data.get("exemplars", data) if isinstance(data, dict) else data
+    if isinstance(entries, dict):
+        entries = [entries[key] for key in sorted(entries, key=lambda key: int(key) if key.isdigit() else key)]
+    examples = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get(question_field), str) or not isinstance(
+            entry.get(answer_field), str
+        ):
+            raise TaskError(f"{path}: exemplar {index} lacks string fields {question_field!r} and {answer_field!r}")
+        examples.append(Example(entry[question_field], entry[answer_field]))
+    if not examples:
+        raise TaskError(f"{path}: no exemplars")
+    return examples
+
+
+def _read_local_rows(path: Path, numeric_answers: bool) -> tuple[Example, ...]:
+    if path.suffix not in (".tsv", ".jsonl"):
+        raise TaskError(f"data file {path}: unsupported format {path.suffix!r}; use .tsv or .jsonl")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            example = _parse_row(line, path.suffix, f"{path} line {line_number}")
+            if numeric_answers:
+                try:
+                    parse_gold_number(example.answer)
+                except ValueError as error:
+                    raise TaskError(f"{path} line {line_number}: {error}") from None
+            examples.append(example)
+    if not examples:
+        raise TaskError(f"data file {path} has no rows (empty split)")
+    return tuple(examples)
+
+
+def _parse_row(line: str, suffix: str, where: str) -> Example:
+    if suffix == ".tsv":
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
+            raise TaskError(f"{where}: expected 'question<TAB>answer', got {len(fields)} field(s): {line[:80]!r}")
+        return Example(fields[0], fields[1].strip())
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise TaskError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+        raise TaskError(f"{where}: expected an object with string 'question' and 'answer', got {line[:80]!r}")
+    if not row["question"].strip() or not row["answer"].strip():
+        raise TaskError(f"{where}: empty 'question' or 'answer'")
+    return Example(row["question"], row["answer"].strip())
+
+
+def _read_hub_rows(hub: HubSource) -> tuple[Example, ...]:
+    import datasets  # imported here: only hub-backed splits without a local copy need it
+
+    dataset = datasets.load_dataset(hub.path, hub.name, split=hub.split)
+    examples = tuple(Example(str(row[hub.question_field]), str(row[hub.answer_field])) for row in dataset)
+    if not examples:
+        raise TaskError(f"hub dataset {hub.path} ({hub.name}) split {hub.split!r} is empty")
+    return examples
+
+
+def _resolve_variables(text: str, variables: Mapping[str, str], where: str) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(1) not in variables:
+            raise TaskError(
+                f"{where} uses ${{{match.group(1)}}} but variable {match.group(1)!r} is not set; "
+                f"pass variables={{{match.group(1)!r}: ...}} to load_task (or {match.group(1)}=... on the command line)"
+            )
+        return variables[match.group(1)]
+
+    return _VARIABLE.sub(substitute, text)
+
+
+def _require(mapping: Mapping[str, Any], key: str, kind: type, path: Path) -> Any:
+    if key not in mapping:
+        raise TaskError(f"{path}: missing required key {key!r}")
+    value = mapping[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TaskError(f"{path}: {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_keys(mapping: Mapping[str, Any], allowed: set[str], path: Path, section: str = "top level") -> None:
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise TaskError(f"{path}: unknown key(s) {sorted(unknown)} in {section}; allowed: {sorted(allowed)}")
+
+
+def _check_metric(metric: str, path: Path) -> str:
+    if metric not in SAMPLE_METRICS:
+        raise TaskError(f"{path}: metric {metric!r} is not one of {list(SAMPLE_METRICS)}")
+    return metric
