@@ -1,0 +1,186 @@
+"""Evaluator: (task, split, generation settings) -> metrics and per-sample records for any model.
+
+Built once per search: the split is read and its prompts tokenized and batched once, then every
+candidate model reuses them. Results are cached under (model key, task, split, settings), where the
+model key is whatever identifies the weights: a recipe hash during search, a directory for `evomerge eval`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from evomerge.eval.generate import EncodedPrompts, GenerationSettings, encode_prompts, generate_encoded
+from evomerge.eval.task import AnyTask, CompositeTask, SplitData, Task
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class EvalResult:
+    task: str
+    split: str
+    model_key: str | None
+    metrics: dict[str, Any]  # always score, acc, acc_ja, ja_rate, n, split (+ <task>/<metric> for composites)
+    samples: list[dict[str, Any]]
+    generation: dict[str, Any]  # per plain task: the settings that defined the generations
+    data_sources: dict[str, str]  # per plain task: the file or hub dataset its rows came from
+    cached: bool = False
+
+    @property
+    def score(self) -> float:
+        return self.metrics["score"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResultCache:
+    """In-process results by key, optionally mirrored to a JSON file so separate runs share them.
+
+    `keep_samples=False` stores metrics only, which a long search wants (thousands of candidates)."""
+
+    def __init__(self, path: str | Path | None = None, keep_samples: bool = True) -> None:
+        self.path = Path(path) if path is not None else None
+        self.keep_samples = keep_samples
+        self._entries: dict[str, dict[str, Any]] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self._entries = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"result cache {self.path} is not valid JSON ({error.msg}); delete it or pass another path") from None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> EvalResult | None:
+        entry = self._entries.get(key)
+        return EvalResult(**{**entry, "cached": True}) if entry is not None else None
+
+    def put(self, key: str, result: EvalResult) -> None:
+        entry = result.to_dict()
+        if not self.keep_samples:
+            entry["samples"] = []
+        entry["cached"] = False
+        self._entries[key] = entry
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text(json.dumps(self._entries, ensure_ascii=False), encoding="utf-8")
+            os.replace(temporary, self.path)  # atomic: a crash never leaves half a cache
+
+
+@dataclass
+class _PreparedTask:
+    """One plain task's split, ready to generate: rows, prompts and their token batches."""
+
+    task: Task
+    data: SplitData
+    prompts: list[str]
+    encoded: EncodedPrompts
+    settings: GenerationSettings
+    fingerprint: str  # changes whenever prompts, golds, scoring or generation settings change
+
+
+class Evaluator:
+    """Scores models on one task and split. Composite tasks run each component on the same split."""
+
+    def __init__(
+        self,
+        task: AnyTask,
+        split: str,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_new_tokens: int | None = None,
+        cache: ResultCache | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.task = task
+        self.split = split
+        self.tokenizer = tokenizer
+        self.cache = cache if cache is not None else ResultCache()
+        self.progress = progress
+        plain_tasks = [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]
+        self.prepared = [self._prepare(plain, batch_size, max_new_tokens) for plain in plain_tasks]
+
+    def _prepare(self, task: Task, batch_size: int, max_new_tokens: int | None) -> _PreparedTask:
+        data = task.load_split(self.split)
+        prompts = [task.build_prompt(example.question) for example in data.examples]
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else task.max_new_tokens,
+            stop_strings=task.stop_strings,
+            batch_size=batch_size,
+        )
+        contents = json.dumps(
+            [task.fingerprint, prompts, [e.answer for e in data.examples], settings.result_defining()], ensure_ascii=False
+        )
+        fingerprint = hashlib.sha256(contents.encode()).hexdigest()[:16]
+        return _PreparedTask(task, data, prompts, encode_prompts(self.tokenizer, prompts, batch_size), settings, fingerprint)
+
+    def cache_key(self, model_key: str) -> str:
+        """model key | task | split | hash of the prompts, golds, scoring config and generation settings."""
+        settings_hash = hashlib.sha256("|".join(p.fingerprint for p in self.prepared).encode()).hexdigest()[:16]
+        return f"{model_key}|{self.task.name}|{self.split}|{settings_hash}"
+
+    def evaluate(self, model: torch.nn.Module, model_key: str | None = None) -> EvalResult:
+        """Generate, score and aggregate; with a model_key, a cached result is returned without generating."""
+        key = self.cache_key(model_key) if model_key is not None else None
+        if key is not None and (cached := self.cache.get(key)) is not None:
+            return cached
+        component_metrics: dict[str, dict[str, Any]] = {}
+        samples: list[dict[str, Any]] = []
+        for prepared in self.prepared:
+            metrics, task_samples = self._run(model, prepared)
+            component_metrics[prepared.task.name] = metrics
+            samples.extend(task_samples)
+        if isinstance(self.task, CompositeTask):
+            metrics = self.task.combine(component_metrics, self.split)
+        else:
+            metrics = component_metrics[self.task.name]
+        result = EvalResult(
+            task=self.task.name,
+            split=self.split,
+            model_key=model_key,
+            metrics=metrics,
+            samples=samples,
+            generation={p.task.name: p.settings.result_defining() for p in self.prepared},
+            data_sources={p.task.name: p.data.source for p in self.prepared},
+        )
+        if key is not None:
+            self.cache.put(key, result)
+        return result
+
+    def _run(self, model: torch.nn.Module, prepared: _PreparedTask) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        task, examples = prepared.task, prepared.data.examples
+        generations = generate_encoded(
+            model, self.tokenizer, prepared.encoded, prepared.settings, self.progress, f"{task.name}/{self.split}"
+        )
+        golds = [example.answer for example in examples]
+        scores = task.score(generations, golds)
+        samples = [
+            {
+                "task": task.name,
+                "index": index,
+                "prompt": prompt,
+                "generation": generation,
+                "extracted": score.extracted,
+                "gold": gold,
+                "japanese_prob": score.japanese_prob,
+                "correct": score.correct,
+                "correct_ja": score.correct_ja,
+            }
+            for index, (prompt, generation, gold, score) in enumerate(zip(prepared.prompts, generations, golds, scores))
+        ]
+        return task.metrics(scores, self.split), samples
+
