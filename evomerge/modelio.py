@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -32,3 +38,207 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# --------------------------------------------------------------------------- safetensors, one tensor at a time
+# The merge engine never holds a whole model: it reads the tensors of one parameter from every input, merges
+# them, and appends the result to an output shard whose header was written up front.
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes sit: file, absolute byte range, dtype and shape."""
+
+    file: Path
+    start: int
+    end: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    with open(file, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    data_start = 8 + header_size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        entries[name] = TensorEntry(
+            file, data_start + begin, data_start + end, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        )
+    return entries
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (sharded via its index, or a single file)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (merging needs local safetensors directories)")
+    index = path / SAFETENSORS_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in dict.fromkeys(weight_map.values())]
+    if (path / SAFETENSORS_SINGLE).exists():
+        return [path / SAFETENSORS_SINGLE]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {path} has no safetensors files")
+    return files
+
+
+def read_config(path: str | Path) -> dict:
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
+class CheckpointReader:
+    """Lazy per-tensor reader over a (possibly sharded) safetensors checkpoint; only headers are read up front."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, TensorEntry] = {}
+        for file in checkpoint_files(self.path):
+            self.entries.update(_read_header(file))
+        self._handles: dict[Path, BinaryIO] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh tensor (its own memory, not a view of a mapped file) holding ``name``'s values."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            handle = self._handles[entry.file] = open(entry.file, "rb", buffering=0)
+        buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        handle.seek(entry.start)
+        view = memoryview(buffer.numpy())
+        filled = 0
+        while filled < len(view):
+            count = handle.readinto(view[filled:])
+            if not count:
+                raise OSError(f"checkpoint {self.path}: tensor {name!r} is truncated in {entry.file.name}")
+            filled += count
+        return buffer.view(entry.dtype).reshape(entry.shape)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ShardedSafetensorsWriter:
+    """Streams tensors into safetensors shards planned from their dtypes and shapes.
+
+    Because each shard's header is written before its data, a tensor can be written and freed right after
+    it is merged; tensors must arrive in the planned order.  Writes ``model.safetensors`` for one shard,
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json`` otherwise.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = 2 * 1024**3,
+    ):
+        self.directory = Path(directory)
+        self._shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        shard_bytes = 0
+        for name, dtype, shape in layout:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if self._shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+                self._shards.append([])
+                shard_bytes = 0
+            self._shards[-1].append((name, dtype, tuple(shape), nbytes))
+            shard_bytes += nbytes
+        count = len(self._shards)
+        self.file_names = (
+            [SAFETENSORS_SINGLE]
+            if count == 1
+            else [f"model-{index + 1:05d}-of-{count:05d}.safetensors" for index in range(count)]
+        )
+        self._order = [(shard, entry) for shard, entries in enumerate(self._shards) for entry in entries]
+        self._next = 0
+        self._handle: BinaryIO | None = None
+
+    def _open_shard(self, shard: int) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape, nbytes in self._shards[shard]:
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._handle = open(self.directory / self.file_names[shard], "wb")
+        self._handle.write(struct.pack("<Q", len(encoded)))
+        self._handle.write(encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name!r} is beyond the planned layout")
+        shard, (expected, dtype, shape, _) = self._order[self._next]
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"writer expected {expected!r} {dtype} {list(shape)}, got {name!r} {tensor.dtype} {list(tensor.shape)}"
+            )
+        if self._next == 0 or self._order[self._next - 1][0] != shard:
+            self._close_shard()
+            self._open_shard(shard)
+        assert self._handle is not None
+        self._handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def _close_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> None:
+        """Finish the last shard and, for several shards, write the index; fails if tensors are missing."""
+        self._close_shard()
+        if self._next != len(self._order):
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        if len(self._shards) > 1:
+            weight_map = {
+                name: self.file_names[shard] for shard, entries in enumerate(self._shards) for name, *_ in entries
+            }
+            total = sum(nbytes for entries in self._shards for *_, nbytes in entries)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        self._close_shard()

@@ -1,0 +1,156 @@
+"""In-memory candidate merging for the search: prepare once, then each candidate is one pass per tensor
+written straight into a resident model's parameters (no new model, no disk I/O).
+
+Prepared once: every input tensor in its checkpoint dtype (validated like the disk path), the resident
+model, and -- lazily, the first time a method needs them -- sorted |task vector| entries per tensor (a TIES
+trim at any density becomes one threshold lookup) and the DARE draws for the recipe's seed.  Candidates run
+`methods.merge_tensor` exactly as `merge_to_disk` does, so a candidate's tensors equal the disk result's bit
+for bit when the resident model has the checkpoint dtype (the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from evomerge.merge import MergeError
+from evomerge.merge.methods import dare_uniforms, merge_tensor, sorted_magnitudes
+from evomerge.merge.stream import check_recipe_fits, needed_statistics, open_inputs
+from evomerge.modelio import load_model
+from evomerge.recipe import PSRecipe
+
+
+def _same_checkpoint(first: str | Path, second: str | Path) -> bool:
+    return Path(first).resolve() == Path(second).resolve()
+
+
+class InMemoryMerger:
+    """Merges recipes over a fixed pool (``base`` + ``models``) into one resident model.
+
+    A recipe may use any of the pool's models, in any order; its base must be the pool's base.
+    ``statistics`` (tensor name -> one Fisher diagonal or Gram matrix per pool model) serves Fisher and
+    RegMean recipes; without it they are loaded or computed from the first such recipe's prompts.
+    """
+
+    def __init__(
+        self,
+        base: str | Path | None,
+        models: Sequence[str | Path],
+        *,
+        model: PreTrainedModel | None = None,
+        statistics: Mapping[str, Sequence[Tensor]] | None = None,
+    ):
+        self.base = None if base is None else str(base)
+        self.models = [str(path) for path in models]
+        inputs = open_inputs(self.base, self.models)
+        try:
+            self.names = inputs.names
+            stacked = {name: inputs.read_checked(name) for name in self.names}
+        finally:
+            inputs.close()
+        offset = 1 if self.base is not None else 0
+        self._base = {name: tensors[0] for name, tensors in stacked.items()} if offset else None
+        self._pool = [{name: tensors[index + offset] for name, tensors in stacked.items()} for index in range(len(self.models))]
+        self.model = model if model is not None else load_model(inputs.paths[0], dtype=self._reference_dtype(stacked))
+        self._targets = self._find_targets()
+        self._statistics = statistics
+        self._sorted: dict[str, list[Tensor]] = {}
+        self._uniforms: dict[tuple[str, int], Tensor] = {}
+        self._uniforms_seed: int | None = None
+        self._assignments: dict[tuple[str, ...], dict[str, int]] = {}
+
+    @staticmethod
+    def _reference_dtype(stacked: Mapping[str, list[Tensor]]) -> torch.dtype:
+        floating = [tensors[0].dtype for tensors in stacked.values() if tensors[0].is_floating_point()]
+        return max(set(floating), key=floating.count) if floating else torch.float32
+
+    def _find_targets(self) -> dict[str, Tensor]:
+        """The resident model's tensor for each checkpoint tensor (tied weights share one)."""
+        resident = dict(self.model.named_parameters(remove_duplicate=False))
+        resident.update(self.model.named_buffers(remove_duplicate=False))
+        targets = {}
+        for name in self.names:
+            if name not in resident:
+                raise MergeError(f"resident model has no tensor {name!r} from checkpoint {self.base or self.models[0]}")
+            if tuple(resident[name].shape) != tuple(self._reference(name).shape):
+                raise MergeError(f"resident model's {name!r} has shape {list(resident[name].shape)}, checkpoint has "
+                                 f"{list(self._reference(name).shape)}")
+            targets[name] = resident[name].data
+        return targets
+
+    def _reference(self, name: str) -> Tensor:
+        return self._base[name] if self._base is not None else self._pool[0][name]
+
+    def _pool_indices(self, recipe: PSRecipe) -> list[int]:
+        if recipe.base is not None and (self.base is None or not _same_checkpoint(recipe.base, self.base)):
+            raise MergeError(f"recipe {recipe.hash} has base {recipe.base}, this merger was prepared for {self.base}")
+        indices = []
+        for model in recipe.models:
+            matches = [index for index, pooled in enumerate(self.models) if _same_checkpoint(model, pooled)]
+            if not matches:
+                raise MergeError(f"recipe {recipe.hash} uses model {model}, which is not in this merger's pool {self.models}")
+            indices.append(matches[0])
+        return indices
+
+    def _sorted_magnitudes(self, name: str) -> list[Tensor]:
+        if name not in self._sorted:
+            assert self._base is not None
+            base = self._base[name].float()
+            self._sorted[name] = [sorted_magnitudes(pool[name].float() - base) for pool in self._pool]
+        return self._sorted[name]
+
+    def _dare_uniforms(self, name: str, seed: int, count: int) -> list[Tensor]:
+        if seed != self._uniforms_seed:
+            self._uniforms.clear()
+            self._uniforms_seed = seed
+        numel = self._targets[name].numel()
+        for index in range(count):
+            if (name, index) not in self._uniforms:
+                self._uniforms[(name, index)] = dare_uniforms(numel, seed, name, index)
+        return [self._uniforms[(name, index)] for index in range(count)]
+
+    def _pool_statistics(self, recipe: PSRecipe, indices: Sequence[int]) -> Mapping[str, Sequence[Tensor]] | None:
+        if recipe.spec.statistics is None:
+            return None
+        if self._statistics is None:
+            pool_recipe = PSRecipe.uniform(recipe.method, None, self.models, parameters=dict(recipe.parameters))
+            self._statistics = needed_statistics(pool_recipe)
+        assert self._statistics is not None
+        return {name: [per_model[index] for index in indices] for name, per_model in self._statistics.items()}
+
+    def prepare(self, recipe: PSRecipe) -> None:
+        """Do the one-off work ``recipe``'s method needs now rather than on the first candidate."""
+        indices = self._pool_indices(recipe)
+        for name in self.names:
+            if recipe.method == "ties" and self._targets[name].is_floating_point():
+                self._sorted_magnitudes(name)
+            if recipe.method in ("dare_ties", "dare_linear"):
+                self._dare_uniforms(name, recipe.parameters["seed"], len(indices))
+        self._pool_statistics(recipe, indices)
+
+    def merge(self, recipe: PSRecipe) -> PreTrainedModel:
+        """Write ``recipe``'s merged weights into the resident model and return it."""
+        indices = self._pool_indices(recipe)
+        key = recipe.group_names
+        if key not in self._assignments:
+            self._assignments[key] = check_recipe_fits(recipe, self.names)
+        assignment = self._assignments[key]
+        statistics = self._pool_statistics(recipe, indices)
+        with torch.no_grad():
+            for name in self.names:
+                tensors = [self._pool[index][name] for index in indices]
+                target = self._targets[name]
+                sorted_values = uniforms = None
+                if target.is_floating_point():
+                    if recipe.method == "ties":
+                        sorted_values = [self._sorted_magnitudes(name)[index] for index in indices]
+                    elif recipe.method in ("dare_ties", "dare_linear"):
+                        uniforms = self._dare_uniforms(name, recipe.parameters["seed"], len(indices))
+                base = self._base[name] if self._base is not None and recipe.base is not None else None
+                merge_tensor(recipe, recipe.groups[assignment[name]], name, base, tensors, out=target,
+                             sorted_magnitudes=sorted_values, uniforms=uniforms, statistics=statistics)
+        return self.model

@@ -1,0 +1,298 @@
+"""Merge recipes: small frozen values with a canonical YAML form and a content hash.
+
+A parameter-space recipe (`PSRecipe`) says which method merges which models, with method-wide options and
+per-layer-group values (one per model for ``weight``/``density``, one per group for ``slerp``'s ``t``).
+Construction fills defaults and validates, so two recipes that mean the same merge have the same YAML and
+the same `hash` -- the search uses the hash as a cache key and the merged model's card records the YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import yaml
+
+from evomerge.merge import MergeError
+from evomerge.merge.groups import check_disjoint
+
+
+class RecipeError(MergeError):
+    """A recipe is malformed: unknown method, bad value, wrong number of per-model values, ..."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a merge method needs from a recipe and which options it takes (with their defaults)."""
+
+    needs_base: bool
+    per_model: tuple[str, ...]
+    per_group: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    n_models: int | None = None
+    statistics: str | None = None  # "fisher" or "gram": per-model statistics from prompts
+
+
+_TASK_VECTOR_OPTIONS = {"lambda": 1.0, "normalize": False}
+_DARE_OPTIONS = {"lambda": 1.0, "normalize": False, "rescale": "dare", "seed": 0}
+_STATISTICS_OPTIONS = {"prompts": None, "max_prompts": 64, "statistics_dir": None}
+
+# Defaults follow mergekit where it has the method, so an equivalent mergekit config means the same merge.
+METHODS: Mapping[str, MethodSpec] = MappingProxyType(
+    {
+        "linear": MethodSpec(needs_base=False, per_model=("weight",), options={"normalize": True}),
+        "task_arithmetic": MethodSpec(needs_base=True, per_model=("weight",), options=_TASK_VECTOR_OPTIONS),
+        "ties": MethodSpec(
+            needs_base=True, per_model=("weight", "density"), options={"lambda": 1.0, "normalize": True}
+        ),
+        "dare_ties": MethodSpec(needs_base=True, per_model=("weight", "density"), options=_DARE_OPTIONS),
+        "dare_linear": MethodSpec(needs_base=True, per_model=("weight", "density"), options=_DARE_OPTIONS),
+        "slerp": MethodSpec(needs_base=False, per_model=(), per_group=("t",), n_models=2),
+        "fisher": MethodSpec(
+            needs_base=False,
+            per_model=("weight",),
+            options={"fisher_floor": 1e-6, **_STATISTICS_OPTIONS},
+            statistics="fisher",
+        ),
+        "regmean": MethodSpec(
+            needs_base=False,
+            per_model=("weight",),
+            options={"alpha": 0.9, **_STATISTICS_OPTIONS},
+            statistics="gram",
+        ),
+    }
+)
+GROUP_VALUE_DEFAULTS: Mapping[str, float] = MappingProxyType({"weight": 1.0, "density": 1.0, "t": 0.5})
+DEFAULT_GROUPS: tuple[str, ...] = ("embed", "blocks", "head")
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{what} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise RecipeError(f"{what} must be finite, got {number}")
+    return number
+
+
+def _check_group_value(key: str, value: float, what: str) -> None:
+    if key == "density" and not 0.0 < value <= 1.0:
+        raise RecipeError(f"{what} must be in (0, 1], got {value}")
+    if key == "t" and not 0.0 <= value <= 1.0:
+        raise RecipeError(f"{what} must be in [0, 1], got {value}")
+
+
+def _check_option(method: str, key: str, value: Any) -> Any:
+    what = f"{method} parameter {key!r}"
+    if key in ("normalize",):
+        if not isinstance(value, bool):
+            raise RecipeError(f"{what} must be true or false, got {value!r}")
+        return value
+    if key in ("seed", "max_prompts"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "max_prompts" else 0):
+            raise RecipeError(f"{what} must be a {'positive' if key == 'max_prompts' else 'non-negative'} integer")
+        return value
+    if key == "rescale":
+        if value not in ("dare", "l1"):
+            raise RecipeError(f"{what} must be 'dare' (1/density) or 'l1' (mergekit's norm match), got {value!r}")
+        return value
+    if key in ("prompts", "statistics_dir"):
+        if value is not None and not isinstance(value, (str, Path)):
+            raise RecipeError(f"{what} must be a path or null, got {value!r}")
+        return None if value is None else str(value)
+    number = _number(value, what)
+    if key == "alpha" and not 0.0 <= number <= 1.0:
+        raise RecipeError(f"{what} must be in [0, 1], got {number}")
+    if key == "fisher_floor" and number <= 0:
+        raise RecipeError(f"{what} must be positive, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class GroupValues:
+    """Recipe values for one layer group: per-model tuples (``weight``, ``density``) or per-group floats (``t``)."""
+
+    name: str
+    values: Mapping[str, tuple[float, ...] | float]
+
+    def __getitem__(self, key: str) -> tuple[float, ...] | float:
+        return self.values[key]
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.values.items())))
+
+
+@dataclass(frozen=True)
+class PSRecipe:
+    """A parameter-space merge recipe; build it directly, with `uniform`, or from YAML."""
+
+    method: str
+    models: tuple[str, ...]
+    groups: tuple[GroupValues, ...]
+    base: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    kind: ClassVar[str] = "ps"
+
+    def __post_init__(self) -> None:
+        spec = METHODS.get(self.method)
+        if spec is None:
+            raise RecipeError(f"unknown merge method {self.method!r}; known: {sorted(METHODS)}")
+        if isinstance(self.models, (str, Path)):
+            raise RecipeError("models must be a list of paths, not a single string")
+        models = tuple(str(model) for model in self.models)
+        if not models:
+            raise RecipeError(f"{self.method} recipe lists no models")
+        if spec.n_models is not None and len(models) != spec.n_models:
+            raise RecipeError(f"{self.method} merges exactly {spec.n_models} models, recipe lists {len(models)}")
+        base = None if self.base is None else str(self.base)
+        if spec.needs_base and base is None:
+            raise RecipeError(f"{self.method} needs a base model (task vectors are model - base)")
+        if not spec.needs_base and base is not None:
+            raise RecipeError(f"{self.method} takes no base model; drop 'base' or use a task-vector method")
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "parameters", MappingProxyType(self._canonical_parameters(spec)))
+        object.__setattr__(self, "groups", tuple(self._canonical_group(spec, group) for group in self.groups))
+        if not self.groups:
+            raise RecipeError(f"{self.method} recipe has no layer groups")
+        check_disjoint([group.name for group in self.groups])
+
+    def _canonical_parameters(self, spec: MethodSpec) -> dict[str, Any]:
+        unknown = set(self.parameters) - set(spec.options)
+        if unknown:
+            raise RecipeError(
+                f"{self.method} has no parameter(s) {sorted(unknown)}; it takes {sorted(spec.options) or 'none'}"
+            )
+        merged = {**spec.options, **self.parameters}
+        return {key: _check_option(self.method, key, merged[key]) for key in sorted(merged)}
+
+    def _canonical_group(self, spec: MethodSpec, group: GroupValues | Mapping[str, Any]) -> GroupValues:
+        if isinstance(group, GroupValues):
+            name, given = group.name, dict(group.values)
+        else:
+            given = dict(group)
+            name = given.pop("name", None)
+        if not isinstance(name, str):
+            raise RecipeError(f"every layer group needs a string 'name', got {name!r}")
+        unknown = set(given) - set(spec.per_model) - set(spec.per_group)
+        if unknown:
+            raise RecipeError(
+                f"group {name!r}: {self.method} has no per-group value(s) {sorted(unknown)}; "
+                f"it takes {sorted(spec.per_model + spec.per_group)}"
+            )
+        values: dict[str, tuple[float, ...] | float] = {}
+        for key in spec.per_model:
+            raw = given.get(key, GROUP_VALUE_DEFAULTS[key])
+            items = list(raw) if isinstance(raw, (list, tuple)) else [raw] * len(self.models)
+            if len(items) != len(self.models):
+                raise RecipeError(
+                    f"group {name!r}: {key} has {len(items)} values but the recipe has {len(self.models)} models"
+                )
+            numbers = []
+            for model, item in zip(self.models, items):
+                what = f"group {name!r}: {key} for model {model!r}"
+                number = _number(item, what)
+                _check_group_value(key, number, what)
+                numbers.append(number)
+            values[key] = tuple(numbers)
+        for key in spec.per_group:
+            what = f"group {name!r}: {key}"
+            number = _number(given.get(key, GROUP_VALUE_DEFAULTS[key]), what)
+            _check_group_value(key, number, what)
+            values[key] = number
+        return GroupValues(name, MappingProxyType(values))
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return tuple(group.name for group in self.groups)
+
+    @classmethod
+    def uniform(
+        cls,
+        method: str,
+        base: str | Path | None,
+        models: Sequence[str | Path],
+        *,
+        groups: Iterable[str] = DEFAULT_GROUPS,
+        parameters: Mapping[str, Any] | None = None,
+        **values: float | Sequence[float],
+    ) -> PSRecipe:
+        """The same ``values`` (e.g. ``weight=[0.6, 0.4], density=0.5``) in every group named in ``groups``."""
+        return cls(
+            method=method,
+            base=None if base is None else str(base),
+            models=tuple(str(model) for model in models),
+            groups=tuple(GroupValues(name, dict(values)) for name in groups),
+            parameters=dict(parameters or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        groups = []
+        for group in self.groups:
+            entry: dict[str, Any] = {"name": group.name}
+            for key, value in group.values.items():
+                entry[key] = list(value) if isinstance(value, tuple) else value
+            groups.append(entry)
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "base": self.base,
+            "models": list(self.models),
+            "parameters": dict(self.parameters),
+            "groups": groups,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PSRecipe:
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a mapping, got {type(data).__name__}")
+        kind = data.get("kind", cls.kind)
+        if kind != cls.kind:
+            raise RecipeError(f"not a parameter-space recipe: kind is {kind!r}, expected {cls.kind!r}")
+        unknown = set(data) - {"kind", "method", "base", "models", "parameters", "groups"}
+        if unknown:
+            raise RecipeError(f"recipe has unknown key(s) {sorted(unknown)}")
+        for key in ("method", "models"):
+            if key not in data:
+                raise RecipeError(f"recipe is missing {key!r}")
+        return cls(
+            method=data["method"],
+            base=data.get("base"),
+            models=tuple(data["models"]),
+            groups=tuple(data.get("groups") or ({"name": name} for name in DEFAULT_GROUPS)),
+            parameters=dict(data.get("parameters") or {}),
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> PSRecipe:
+        return cls.from_dict(yaml.safe_load(text))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PSRecipe:
+        return cls.from_yaml(Path(path).read_text())
+
+    @property
+    def hash(self) -> str:
+        """First 12 hex digits of the SHA-256 of the canonical YAML: equal for recipes that mean the same merge."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:12]
