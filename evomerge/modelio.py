@@ -242,3 +242,21 @@ class ShardedSafetensorsWriter:
 
     def abort(self) -> None:
         self._close_shard()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a flat tensor dict as safetensors atomically (temp file, then rename) so readers never see half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(partial))
+    partial.replace(path)
+    return path
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,55 @@
+"""`evomerge merge recipe=<file> out=<dir>`: the merge command behind the Hydra CLI.
+
+Without ``recipe`` the recipe is built from the ``merge`` config group (``conf/merge/<method>.yaml``) plus
+``base`` and ``models``, with the same values in every layer group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.merge import MergeError
+from evomerge.merge.stream import merge_to_disk
+from evomerge.recipe import METHODS, PSRecipe
+
+
+def recipe_from_merge_config(
+    merge: Mapping[str, Any], base: str | None, models: Sequence[str], groups: Sequence[str] | None = None
+) -> PSRecipe:
+    """A uniform recipe from a ``conf/merge`` entry: per-group values (weight, density, t) go to every group,
+    everything else is a method parameter."""
+    settings = dict(merge)
+    method = settings.pop("method", None)
+    if method not in METHODS:
+        raise MergeError(f"merge config needs 'method', one of {sorted(METHODS)}; got {method!r}")
+    spec = METHODS[method]
+    group_keys = set(spec.per_model) | set(spec.per_group)
+    values = {key: settings.pop(key) for key in list(settings) if key in group_keys}
+    extra = {}
+    if groups is not None:
+        extra["groups"] = list(groups)
+    return PSRecipe.uniform(method, base if spec.needs_base else None, models, parameters=settings, **extra, **values)
+
+
+def merge_command(cfg: DictConfig) -> None:
+    """Merge ``cfg.recipe`` (a recipe YAML) or ``cfg.merge`` + ``cfg.base`` + ``cfg.models`` into ``cfg.out``."""
+    out = OmegaConf.select(cfg, "out")
+    if not out:
+        raise MergeError("merge needs out=<directory>")
+    recipe_path = OmegaConf.select(cfg, "recipe")
+    if recipe_path:
+        recipe = PSRecipe.load(recipe_path)
+    else:
+        merge = OmegaConf.select(cfg, "merge")
+        models = OmegaConf.select(cfg, "models")
+        if merge is None or not models:
+            raise MergeError("merge needs recipe=<file>, or a merge=<method> config with base=<dir> and models=[...]")
+        recipe = recipe_from_merge_config(
+            OmegaConf.to_container(merge, resolve=True), OmegaConf.select(cfg, "base"), list(models),
+            OmegaConf.select(cfg, "groups"),
+        )
+    written = merge_to_disk(recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)))
+    print(f"merged recipe {recipe.hash} ({recipe.method}, {len(recipe.models)} models) into {written}")
