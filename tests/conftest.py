@@ -10,6 +10,9 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from evomerge.zoo.tokenizer import train_tokenizer
 
+# Unit tests use tiny models, where one thread is as fast as two and leaves the other core free.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXTS = [
     "問題：太郎はりんごを3個持っています。5個もらいました。全部で何個ですか？\n答え：3 + 5 = 8。答えは8個です。",
