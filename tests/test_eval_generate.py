@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.eval import Evaluator, GenerationSettings, ResultCache, encode_prompts, generate, load_task
+from evomerge.eval import Evaluator, GenerationSettings, ResultCache, encode_prompts, generate_greedy, load_task
 from evomerge.eval.generate import StopOnStrings, cut_at_stop
 from evomerge.modelio import load_model, load_tokenizer
 
@@ -68,35 +68,35 @@ def test_batches_are_length_sorted_and_left_padded(tokenizer):
 
 def test_batched_generation_equals_one_at_a_time_and_is_deterministic(model, tokenizer):
     settings = GenerationSettings(max_new_tokens=12, batch_size=3)
-    batched = generate(model, tokenizer, PROMPTS, settings, progress=False)
-    one_at_a_time = [generate(model, tokenizer, [p], settings, progress=False)[0] for p in PROMPTS]
+    batched = generate_greedy(model, tokenizer, PROMPTS, settings, progress=False)
+    one_at_a_time = [generate_greedy(model, tokenizer, [p], settings, progress=False)[0] for p in PROMPTS]
     assert batched == one_at_a_time
-    assert generate(model, tokenizer, PROMPTS, GenerationSettings(12, batch_size=7), progress=False) == batched
+    assert generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(12, batch_size=7), progress=False) == batched
     assert len(set(batched)) > 1 and all(batched)  # real, differing generations rather than empty strings
 
 
 def test_greedy_ignores_a_sampling_generation_config(model, tokenizer):
     settings = GenerationSettings(max_new_tokens=8, batch_size=4)
-    expected = generate(model, tokenizer, PROMPTS, settings, progress=False)
+    expected = generate_greedy(model, tokenizer, PROMPTS, settings, progress=False)
     original = model.generation_config.do_sample
     model.generation_config.do_sample, model.generation_config.temperature = True, 5.0
     try:
         torch.manual_seed(123)
-        assert generate(model, tokenizer, PROMPTS, settings, progress=False) == expected
+        assert generate_greedy(model, tokenizer, PROMPTS, settings, progress=False) == expected
     finally:
         model.generation_config.do_sample, model.generation_config.temperature = original, 1.0
 
 
 def test_stop_strings_cut_the_text_and_end_the_batch_early(model, tokenizer):
-    unstopped = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=24, batch_size=7), progress=False)
+    unstopped = generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=24, batch_size=7), progress=False)
     stop = unstopped[0][3]  # a character the model is known to produce, early in row 0
-    stopped = generate(model, tokenizer, PROMPTS, GenerationSettings(24, (stop,), batch_size=7), progress=False)
+    stopped = generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(24, (stop,), batch_size=7), progress=False)
     assert stopped == [cut_at_stop(text, [stop]) for text in unstopped]
     assert stopped[0] == unstopped[0][:3]
     # Rows whose stop string comes within 20 characters (so within 20 tokens) end the batch before 24 tokens.
     hitting = [prompt for prompt, text in zip(PROMPTS, unstopped) if 0 <= text.find(stop) < 20]
     recording = RecordingModel(model)
-    generate(recording, tokenizer, hitting, GenerationSettings(24, (stop,), batch_size=len(hitting)), progress=False)
+    generate_greedy(recording, tokenizer, hitting, GenerationSettings(24, (stop,), batch_size=len(hitting)), progress=False)
     assert len(recording.new_token_counts) == 1 and recording.new_token_counts[0] <= 21
 
 
@@ -135,7 +135,7 @@ def test_evaluator_metrics_samples_and_split(model, tokenizer, tmp_path):
     assert result.split == "search" and result.metrics["split"] == "search" and result.metrics["n"] == 5
     assert set(result.metrics) == {"score", "acc", "acc_ja", "ja_rate", "n", "split"}
     assert result.metrics["score"] == result.metrics["acc_ja"]
-    direct = generate(model, tokenizer, task_prompts(task, "search"), GenerationSettings(40, ("\n",)), progress=False)
+    direct = generate_greedy(model, tokenizer, task_prompts(task, "search"), GenerationSettings(40, ("\n",)), progress=False)
     assert [s["generation"] for s in result.samples] == direct
     assert [s["gold"] for s in result.samples] == ["2", "3", "4", "5", "6"]
     assert result.samples[0]["prompt"] == "問題：りんごが0個あります。2個もらいました。全部で何個？\n答え："

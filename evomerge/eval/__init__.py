@@ -8,7 +8,7 @@ Typical use (a search builds the Evaluator once and calls `evaluate` per candida
 """
 
 from evomerge.eval.evaluator import EvalResult, Evaluator, ResultCache
-from evomerge.eval.generate import GenerationSettings, encode_prompts, generate, generate_encoded
+from evomerge.eval.generate import GenerationSettings, encode_prompts, generate_encoded, generate_greedy
 from evomerge.eval.task import CompositeTask, Example, SplitData, Task, TaskError, available_tasks, load_task
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "TaskError",
     "available_tasks",
     "encode_prompts",
-    "generate",
+    "generate_greedy",
     "generate_encoded",
     "load_task",
 ]

@@ -137,7 +137,7 @@ def generate_encoded(
     return generations
 
 
-def generate(
+def generate_greedy(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],

@@ -1,0 +1,101 @@
+"""`evomerge eval model=<dir> task=<name> split=test out=<file.json>`: score one model on one task split.
+
+The JSON report holds the metrics and every sample (prompt, generation, extracted answer, gold, Japanese
+probability). Keys read from the config: model, task (the `task` group entry or a bare name), split,
+out, batch_size / max_new_tokens (also accepted inside the task entry), dtype, device, cache (a JSON
+result-cache file), progress, and task variables: zoo_dir (else derived from `zoo` + `home`), mgsm_dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.eval.evaluator import DEFAULT_BATCH_SIZE, Evaluator, ResultCache
+from evomerge.eval.task import load_task
+from evomerge.modelio import load_model, load_tokenizer
+
+TASK_VARIABLES = ("zoo_dir", "mgsm_dir")
+
+
+def eval_command(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate, write the JSON report to `out` (default: <hydra output dir or cwd>/eval_report.json), return it."""
+    if cfg.get("recipe") is not None:
+        raise ValueError("evomerge eval: exported recipes are not wired in yet; merge it first and pass model=<dir>")
+    model_path = cfg.get("model")
+    if model_path is None:
+        raise ValueError("evomerge eval needs model=<model directory or hub id>")
+    task_name, task_options = _task_entry(cfg)
+    split = cfg.get("split") or "test"
+    task = load_task(task_name, _task_variables(cfg))
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, cfg.get("dtype") or "float32", cfg.get("device") or "cpu")
+    evaluator = Evaluator(
+        task,
+        split,
+        tokenizer,
+        batch_size=_option("batch_size", cfg, task_options) or DEFAULT_BATCH_SIZE,
+        max_new_tokens=_option("max_new_tokens", cfg, task_options),
+        cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
+        progress=bool(cfg.get("progress", True)),
+    )
+    key = f"{model_key(model_path)}|{cfg.get('dtype') or 'float32'}"
+    result = evaluator.evaluate(model, model_key=key)
+    report = {"model": str(model_path), **result.to_dict()}
+    out = Path(cfg.get("out") or _default_output_dir() / "eval_report.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+    print(f"{task.name} [{split}] {model_path}: {summary}\nreport: {out}")
+    return report
+
+
+def model_key(model_path: str | Path) -> str:
+    """A cache key for a model directory: its path and its weight files' names, sizes and mtimes (no hashing
+    of gigabytes); a hub id is its own key."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return f"hub:{model_path}"
+    weights = sorted(path.glob("*.safetensors"))
+    signature = json.dumps([(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights])
+    return f"dir:{path.resolve()}:{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
+
+
+def _task_entry(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """`task` is either the Hydra group entry (a mapping with `name` and per-run options) or a bare name."""
+    entry = cfg.get("task")
+    if entry is None:
+        raise ValueError("evomerge eval needs task=<name>")
+    if isinstance(entry, str):
+        return entry, {}
+    options = OmegaConf.to_container(entry, resolve=True)
+    if "name" not in options:
+        raise ValueError(f"the task config {options} has no 'name'")
+    return options.pop("name"), options
+
+
+def _option(key: str, cfg: DictConfig, task_options: dict[str, Any]) -> Any:
+    """A top-level override (batch_size=...) wins over the task group's value (task.batch_size)."""
+    value = cfg.get(key)
+    return value if value is not None else task_options.get(key)
+
+
+def _task_variables(cfg: DictConfig) -> dict[str, str]:
+    variables = {name: str(cfg.get(name)) for name in TASK_VARIABLES if cfg.get(name) is not None}
+    if "zoo_dir" not in variables and cfg.get("zoo") is not None and cfg.get("home") is not None:
+        from evomerge.zoo.build import ZooSpec, zoo_dir  # the zoo's own naming rule: <home>/zoo-<variant>-<hash>
+
+        spec = ZooSpec.from_dict(OmegaConf.to_container(cfg.zoo, resolve=True))
+        variables["zoo_dir"] = str(zoo_dir(spec, cfg.home))
+    return variables
+
+
+def _default_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
