@@ -161,7 +161,10 @@ class PSRecipe:
         object.__setattr__(self, "groups", tuple(self._canonical_group(spec, group) for group in self.groups))
         if not self.groups:
             raise RecipeError(f"{self.method} recipe has no layer groups")
-        check_disjoint([group.name for group in self.groups])
+        try:
+            check_disjoint([group.name for group in self.groups])
+        except MergeError as error:
+            raise RecipeError(f"{self.method} recipe: {error}") from error
 
     def _canonical_parameters(self, spec: MethodSpec) -> dict[str, Any]:
         unknown = set(self.parameters) - set(spec.options)

@@ -32,8 +32,8 @@ class InMemoryMerger:
     """Merges recipes over a fixed pool (``base`` + ``models``) into one resident model.
 
     A recipe may use any of the pool's models, in any order; its base must be the pool's base.
-    ``statistics`` (tensor name -> one Fisher diagonal or Gram matrix per pool model) serves Fisher and
-    RegMean recipes; without it they are loaded or computed from the first such recipe's prompts.
+    ``statistics`` maps a kind ("fisher", "gram") to tensor name -> one statistic per pool model, for Fisher
+    and RegMean recipes; kinds it lacks are loaded or computed from the recipe's prompts (and kept).
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class InMemoryMerger:
         models: Sequence[str | Path],
         *,
         model: PreTrainedModel | None = None,
-        statistics: Mapping[str, Sequence[Tensor]] | None = None,
+        statistics: Mapping[str, Mapping[str, Sequence[Tensor]]] | None = None,
     ):
         self.base = None if base is None else str(base)
         self.models = [str(path) for path in models]
@@ -57,7 +57,9 @@ class InMemoryMerger:
         self._pool = [{name: tensors[index + offset] for name, tensors in stacked.items()} for index in range(len(self.models))]
         self.model = model if model is not None else load_model(inputs.paths[0], dtype=self._reference_dtype(stacked))
         self._targets = self._find_targets()
-        self._statistics = statistics
+        self._statistics: dict[tuple, Mapping[str, Sequence[Tensor]]] = {
+            (kind,): values for kind, values in (statistics or {}).items()
+        }
         self._sorted: dict[str, list[Tensor]] = {}
         self._uniforms: dict[tuple[str, int], Tensor] = {}
         self._uniforms_seed: int | None = None
@@ -114,13 +116,16 @@ class InMemoryMerger:
         return [self._uniforms[(name, index)] for index in range(count)]
 
     def _pool_statistics(self, recipe: PSRecipe, indices: Sequence[int]) -> Mapping[str, Sequence[Tensor]] | None:
-        if recipe.spec.statistics is None:
+        kind = recipe.spec.statistics
+        if kind is None:
             return None
-        if self._statistics is None:
-            pool_recipe = PSRecipe.uniform(recipe.method, None, self.models, parameters=dict(recipe.parameters))
-            self._statistics = needed_statistics(pool_recipe)
-        assert self._statistics is not None
-        return {name: [per_model[index] for index in indices] for name, per_model in self._statistics.items()}
+        options = recipe.parameters
+        key = (kind,) if (kind,) in self._statistics else (kind, options["prompts"], options["max_prompts"])
+        if key not in self._statistics:
+            pool_recipe = PSRecipe.uniform(recipe.method, None, self.models, parameters=dict(options))
+            self._statistics[key] = needed_statistics(pool_recipe)
+        pooled = self._statistics[key]
+        return {name: [per_model[index] for index in indices] for name, per_model in pooled.items()}
 
     def prepare(self, recipe: PSRecipe) -> None:
         """Do the one-off work ``recipe``'s method needs now rather than on the first candidate."""

@@ -1,0 +1,66 @@
+"""evomerge's linear, task_arithmetic and ties equal mergekit's on the same tiny checkpoints (to bf16 rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from evomerge.merge import merge_to_disk
+from evomerge.modelio import CheckpointReader
+from evomerge.recipe import PSRecipe
+
+mergekit_config = pytest.importorskip("mergekit.config", reason="mergekit (a dev extra) is not installed")
+mergekit_merge = pytest.importorskip("mergekit.merge", reason="mergekit (a dev extra) is not installed")
+
+BF16_RESOLUTION = 2.0**-8
+
+
+def run_mergekit(config: dict, out) -> CheckpointReader:
+    merge_config = mergekit_config.MergeConfiguration.model_validate(config)
+    options = mergekit_merge.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True)
+    mergekit_merge.run_merge(merge_config, str(out), options)
+    return CheckpointReader(out)
+
+
+CASES = {
+    "linear": (
+        dict(weight=[0.7, 0.3]),
+        {},
+        lambda a, b: [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": 0.3}}],
+        {"normalize": True},
+    ),
+    "task_arithmetic": (
+        dict(weight=[0.8, 0.5]),
+        {"lambda": 0.9},
+        lambda a, b: [{"model": a, "parameters": {"weight": 0.8}}, {"model": b, "parameters": {"weight": 0.5}}],
+        {"lambda": 0.9},
+    ),
+    "ties": (
+        dict(weight=[0.6, 0.4], density=[0.5, 0.3]),
+        {},
+        lambda a, b: [{"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
+                      {"model": b, "parameters": {"weight": 0.4, "density": 0.3}}],
+        {"normalize": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_same_tensors_as_mergekit(tiny_checkpoints, tmp_path, method):
+    values, options, mergekit_models, mergekit_parameters = CASES[method]
+    base, first, second = (str(tiny_checkpoints[key]) for key in ("base", "expert_a", "expert_b"))
+    recipe = PSRecipe.uniform(method, None if method == "linear" else base, [first, second],
+                              parameters=options, **values)
+    ours = CheckpointReader(merge_to_disk(recipe, tmp_path / "evomerge"))
+    config = {"merge_method": method, "models": mergekit_models(first, second),
+              "parameters": mergekit_parameters, "dtype": "float32"}
+    if method != "linear":
+        config["base_model"] = base
+    (tmp_path / "mergekit.yaml").write_text(yaml.safe_dump(config))  # kept for debugging a failure
+    theirs = run_mergekit(config, tmp_path / "mergekit")
+    assert set(ours.names) == set(theirs.names)
+    for name in ours.names:
+        expected = theirs.read(name)
+        torch.testing.assert_close(ours.read(name), expected, rtol=BF16_RESOLUTION, atol=BF16_RESOLUTION * 1e-2,
+                                   msg=lambda message: f"{method} {name}: {message}")

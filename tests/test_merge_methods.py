@@ -1,0 +1,167 @@
+"""Each merge method on small hand-made tensors, against values worked out by hand in the test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge.merge import methods
+
+T = torch.tensor
+
+
+def test_linear_weighted_average_and_sum():
+    first, second = T([1.0, 2.0]), T([3.0, 6.0])
+    # (1*1 + 3*3) / 4 = 2.5 ; (1*2 + 3*6) / 4 = 5
+    assert torch.equal(methods.linear([first, second], [1.0, 3.0]), T([2.5, 5.0]))
+    assert torch.equal(methods.linear([first, second], [1.0, 3.0], normalize=False), T([10.0, 20.0]))
+
+
+def test_task_arithmetic_scales_summed_task_vectors():
+    base = T([1.0, 1.0, 1.0])
+    first = T([2.0, 0.0, 1.0])  # task vector [1, -1, 0]
+    second = T([1.0, 3.0, 3.0])  # task vector [0, 2, 2]
+    # 0.5*[1,-1,0] + 1*[0,2,2] = [0.5, 1.5, 2]; lambda 2 -> [1, 3, 4]; + base
+    result = methods.task_arithmetic(base, [first, second], [0.5, 1.0], scale=2.0)
+    assert torch.equal(result, T([2.0, 4.0, 5.0]))
+    normalized = methods.task_arithmetic(base, [first, second], [0.5, 1.0], normalize=True)
+    torch.testing.assert_close(normalized, base + T([0.5, 1.5, 2.0]) / 1.5)
+
+
+# Task vectors for the TIES / DARE-TIES examples, 4 entries each (density 0.5 keeps 2).
+BASE = T([1.0, 1.0, 1.0, 1.0])
+DELTAS = [T([4.0, -1.0, 0.5, -2.0]), T([-3.0, -2.0, 3.0, 0.1]), T([1.0, 5.0, -1.0, -4.0])]
+WEIGHTS = [1.0, 0.5, 1.0]
+
+
+def test_ties_trims_elects_and_takes_disjoint_mean():
+    # Trimmed: A [4,0,0,-2]  B [-3,0,3,0]  C [0,5,0,-4]
+    # Weighted: A [4,0,0,-2]  B [-1.5,0,1.5,0]  C [0,5,0,-4]; sums [2.5, 5, 1.5, -6] -> signs + + + -
+    # Agreeing entries: [A 4 | C 5 | B 1.5 | A -2, C -4]; their weights [1 | 1 | 0.5 | 2]
+    tensors = [BASE + delta for delta in DELTAS]
+    merged = methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3)
+    assert torch.equal(merged, BASE + T([4.0, 5.0, 3.0, -3.0]))
+    summed = methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3, normalize=False, scale=0.5)
+    assert torch.equal(summed, BASE + 0.5 * T([4.0, 5.0, 1.5, -6.0]))
+
+
+def test_ties_with_full_density_keeps_every_entry():
+    tensors = [BASE + delta for delta in DELTAS]
+    # no trim; weighted sums [2.5, 1.5, 1.5, -6.05] -> + + + -
+    # entry 0: A 4, C 1 (w 2) -> 2.5; entry 1: C 5 (w 1) -> 5; entry 2: A .5, B 1.5 (w 1.5) -> 4/3;
+    # entry 3: A -2, C -4 (w 2) -> -3
+    merged = methods.ties(BASE, tensors, WEIGHTS, [1.0] * 3)
+    torch.testing.assert_close(merged, BASE + T([2.5, 5.0, 4.0 / 3.0, -3.0]))
+
+
+def test_ties_accepts_precomputed_thresholds():
+    tensors = [BASE + delta for delta in DELTAS]
+    thresholds = [2.0, 3.0, 4.0]  # the 2nd largest |delta| of each task vector
+    assert torch.equal(
+        methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3, thresholds=thresholds),
+        methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3),
+    )
+
+
+def test_magnitude_threshold_matches_sorting_on_a_large_tensor():
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(1_500_000, generator=generator)  # large enough for the sampled selection
+    ascending = delta.abs().sort().values
+    for density in (0.013, 0.3, 0.5, 0.97, 1.0):
+        keep = max(1, int(density * delta.numel()))
+        expected = float(ascending[-keep])
+        assert methods.magnitude_threshold(delta, density) == expected
+        assert methods.threshold_from_sorted(methods.sorted_magnitudes(delta), density) == expected
+    assert methods.keep_count(10, 0.01) == 1
+
+
+UNIFORMS = [T([0.1, 0.9, 0.4, 0.6]), T([0.7, 0.2, 0.3, 0.8]), T([0.45, 0.55, 0.05, 0.95])]
+
+
+def test_dare_linear_drops_by_draw_and_rescales_by_inverse_density():
+    tensors = [BASE + delta for delta in DELTAS]
+    # density 0.5: kept where draw < 0.5 and doubled
+    # A [8,0,1,0]  B [0,-4,6,0]  C [2,0,-2,0]; weighted sum: [8,-2,1+3-2,0] = [10, -2, 2, 0] with B*0.5
+    merged = methods.dare_linear(BASE, tensors, WEIGHTS, [0.5] * 3, UNIFORMS)
+    assert torch.equal(merged, BASE + T([10.0, -2.0, 2.0, 0.0]))
+
+
+def test_dare_ties_elects_signs_on_rescaled_survivors():
+    tensors = [BASE + delta for delta in DELTAS]
+    # weighted survivors: A [8,0,1,0]  B [0,-2,3,0]  C [2,0,-2,0]; sums [10,-2,2,0] -> + - + +(0)
+    # entry 0: A 8, C 2 (w 2) -> 5; entry 1: B -2 (w .5) -> -4; entry 2: A 1, B 3 (w 1.5) -> 8/3; entry 3: none -> 0
+    merged = methods.dare_ties(BASE, tensors, WEIGHTS, [0.5] * 3, UNIFORMS, normalize=True)
+    torch.testing.assert_close(merged, BASE + T([5.0, -4.0, 8.0 / 3.0, 0.0]))
+
+
+def test_dare_l1_rescale_restores_each_task_vectors_l1_norm():
+    delta = T([4.0, -1.0, 0.5, -2.0])
+    # draws keep entries 0 and 2: L1 before 7.5, after 4.5 -> factor 7.5/4.5
+    merged = methods.dare_linear(BASE, [BASE + delta], [1.0], [0.5], [UNIFORMS[0]], rescale="l1")
+    torch.testing.assert_close(merged, BASE + T([4.0, 0.0, 0.5, 0.0]) * (7.5 / 4.5))
+
+
+def test_dare_draws_are_seeded_per_tensor_and_model():
+    draws = methods.dare_uniforms(100_000, 7, "model.layers.0.mlp.up_proj.weight", 1)
+    assert torch.equal(draws, methods.dare_uniforms(100_000, 7, "model.layers.0.mlp.up_proj.weight", 1))
+    assert not torch.equal(draws, methods.dare_uniforms(100_000, 7, "model.layers.0.mlp.up_proj.weight", 0))
+    assert not torch.equal(draws, methods.dare_uniforms(100_000, 8, "model.layers.0.mlp.up_proj.weight", 1))
+    assert not torch.equal(draws, methods.dare_uniforms(100_000, 7, "model.layers.1.mlp.up_proj.weight", 1))
+    assert abs(float((draws < 0.3).float().mean()) - 0.3) < 0.01  # keeps ~density of the entries
+
+
+def test_slerp_follows_the_great_circle():
+    first, second = T([2.0, 0.0]), T([0.0, 2.0])  # orthogonal, angle pi/2
+    half = methods.slerp(0.5, first, second)
+    torch.testing.assert_close(half, T([2 * math.sqrt(0.5), 2 * math.sqrt(0.5)]))
+    third = methods.slerp(1 / 3, first, second)
+    torch.testing.assert_close(third, T([2 * math.cos(math.pi / 6), 2 * math.sin(math.pi / 6)]))
+    assert torch.equal(methods.slerp(0.0, first, second), first)
+
+
+def test_slerp_of_parallel_tensors_is_linear():
+    torch.testing.assert_close(methods.slerp(0.25, T([1.0, 1.0]), T([3.0, 3.0])), T([1.5, 1.5]))
+
+
+def test_fisher_weights_each_entry_by_its_importance():
+    tensors = [T([1.0, 2.0]), T([3.0, 4.0])]
+    fishers = [T([1.0, 0.0]), T([3.0, 1.0])]
+    # entry 0: (1*1 + 3*3) / (1 + 3) = 2.5 ; entry 1: F floored at 1e-6 -> (1e-6*2 + 4) / (1 + 1e-6)
+    merged = methods.fisher(tensors, fishers, [1.0, 1.0], floor=1e-6)
+    torch.testing.assert_close(merged, T([2.5, (2e-6 + 4.0) / (1.0 + 1e-6)]))
+    # weights scale the importances: entry 0 (2*1*1 + 3*3) / (2 + 3)
+    torch.testing.assert_close(methods.fisher(tensors, fishers, [2.0, 1.0])[0], T(11.0 / 5.0))
+
+
+def test_regmean_with_diagonal_grams():
+    weights = [T([[1.0, 2.0]]), T([[5.0, 6.0]])]  # one output, two inputs
+    grams = [torch.diag(T([3.0, 1.0])), torch.diag(T([1.0, 1.0]))]
+    # (W1 G1 + W2 G2)(G1 + G2)^-1 = ([3, 2] + [5, 6]) diag(1/4, 1/2) = [2, 4]
+    torch.testing.assert_close(methods.regmean(weights, grams, [1.0, 1.0], alpha=0.5), T([[2.0, 4.0]]))
+
+
+def test_regmean_shrinks_off_diagonal_terms():
+    gram = T([[2.0, 1.0], [1.0, 2.0]])
+    assert torch.equal(methods.shrink_gram(gram, 0.5), T([[2.0, 0.5], [0.5, 2.0]]))
+
+
+def test_regmean_minimises_the_summed_output_error():
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(40, 5, generator=generator) for _ in range(2)]
+    layers = [torch.randn(3, 5, generator=generator) for _ in range(2)]
+    grams = [x.T @ x for x in inputs]
+    merged = methods.regmean(layers, grams, [1.0, 1.0], alpha=1.0)
+    # independent least squares: stack both models' inputs and their layers' outputs
+    stacked_inputs = torch.cat(inputs)
+    stacked_outputs = torch.cat([x @ w.T for x, w in zip(inputs, layers)])
+    expected = torch.linalg.lstsq(stacked_inputs.double(), stacked_outputs.double()).solution.T
+    torch.testing.assert_close(merged, expected.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_results_come_back_in_the_checkpoint_dtype():
+    base = T([1.0, 2.0]).to(torch.bfloat16)
+    merged = methods.task_arithmetic(base, [base + 1], [0.5])
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, T([1.5, 2.5]).to(torch.bfloat16))
