@@ -57,3 +57,16 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session")
+def micro_zoo_home(tmp_path_factory) -> Path:
+    """A home directory holding the micro toy zoo (conf/zoo/micro.yaml), built once per test session."""
+    import yaml
+
+    from evomerge.zoo.build import ZooSpec, build_zoo
+
+    home = tmp_path_factory.mktemp("evomerge_home")
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "zoo" / "micro.yaml").read_text())
+    build_zoo(ZooSpec.from_dict(spec), home)
+    return home

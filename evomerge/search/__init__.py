@@ -1,0 +1,1 @@
+"""Searches over merge recipes: genomes, optimizers, the shared run loop, and the PS problem."""

@@ -1,0 +1,94 @@
+"""Parameter-space genomes: a point in the unit box [0, 1]^D decodes to a `PSRecipe`.
+
+The optimizer only ever sees unit-box vectors; this module owns what each coordinate means. Coordinates run
+group by group, and within a group model by model, through the method's per-model values (weight, then density),
+so `describe()` names every dimension for logs and plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evomerge.merge import MergeError
+from evomerge.recipe import METHODS, GroupValues, PSRecipe
+
+DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class PSGenomeSpace:
+    """Which values a genome sets (method's per-model and per-group values, per layer group) and their ranges."""
+
+    method: str
+    base: str | None
+    models: tuple[str, ...]
+    groups: tuple[str, ...]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    shared: bool = False  # one set of values for every group (the coarsest granularity)
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RANGES))
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MergeError(f"unknown merge method {self.method!r}; known: {sorted(METHODS)}")
+        for key in self.keys:
+            if key not in self.ranges:
+                raise MergeError(f"no search range for {key!r}; set search.ranges.{key}: [low, high]")
+            low, high = self.ranges[key]
+            if not low <= high:
+                raise MergeError(f"search range for {key!r} is empty: [{low}, {high}]")
+            if key == "density" and not 0 < low <= high <= 1:
+                raise MergeError(f"search range for density must lie in (0, 1], got [{low}, {high}]")
+        # validate once: the recipe at the box's centre must be a valid recipe
+        self.decode(np.full(self.dim, 0.5))
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        spec = METHODS[self.method]
+        return spec.per_model + spec.per_group
+
+    @property
+    def dim(self) -> int:
+        spec = METHODS[self.method]
+        return self._coded_groups * (len(spec.per_model) * len(self.models) + len(spec.per_group))
+
+    @property
+    def _coded_groups(self) -> int:
+        return 1 if self.shared else len(self.groups)
+
+    def describe(self) -> list[str]:
+        """One name per genome coordinate, e.g. `blocks.0-1/density/1`."""
+        spec = METHODS[self.method]
+        names = []
+        for group in ("all",) if self.shared else self.groups:
+            for key in spec.per_model:
+                names += [f"{group}/{key}/{index}" for index in range(len(self.models))]
+            names += [f"{group}/{key}" for key in spec.per_group]
+        return names
+
+    def decode(self, genome: Sequence[float]) -> PSRecipe:
+        """Map unit-box coordinates linearly onto each value's range (clipped, so any vector decodes)."""
+        x = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)
+        if x.shape != (self.dim,):
+            raise MergeError(f"genome has shape {x.shape}, this space has {self.dim} dimensions")
+        spec = METHODS[self.method]
+        values = iter(x.tolist())
+        entries = []
+        for _ in range(self._coded_groups):
+            entry: dict[str, Any] = {}
+            for key in spec.per_model:
+                entry[key] = tuple(self._scale(key, next(values)) for _ in self.models)
+            for key in spec.per_group:
+                entry[key] = self._scale(key, next(values))
+            entries.append(entry)
+        if self.shared:
+            entries = entries * len(self.groups)
+        groups = [GroupValues(name, entry) for name, entry in zip(self.groups, entries)]
+        return PSRecipe(self.method, self.models, tuple(groups), self.base, dict(self.parameters))
+
+    def _scale(self, key: str, unit: float) -> float:
+        low, high = self.ranges[key]
+        return round(low + unit * (high - low), 6)  # 6 digits: short YAML, stable hashes

@@ -1,0 +1,124 @@
+"""Parameter-space search: CMA-ES proposes per-layer-group merge values, each candidate is merged in memory and
+scored on the task's search split; the winner, the sources and uniform baselines are then scored on test."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.eval.evaluator import Evaluator, ResultCache
+from evomerge.eval.task import load_task
+from evomerge.merge.command import recipe_from_merge_config
+from evomerge.merge.groups import count_blocks, group_names
+from evomerge.merge.memory import InMemoryMerger
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.pool import Pool
+from evomerge.recipe import METHODS, PSRecipe
+from evomerge.search.genome import PSGenomeSpace
+from evomerge.search.optimizer import CMAES
+
+CONF_MERGE = Path(__file__).resolve().parents[2] / "conf" / "merge"
+BASELINES = ("ties", "dare_ties", "task_arithmetic")
+
+
+class PSProblem:
+    """Genome -> recipe -> resident merged model -> metrics on the search split."""
+
+    def __init__(self, space: PSGenomeSpace, merger: InMemoryMerger, evaluator: Evaluator, objectives: tuple[str, ...]):
+        self.space = space
+        self.merger = merger
+        self.evaluator = evaluator
+        self.objectives = objectives
+
+    def decode(self, genome) -> PSRecipe:
+        return self.space.decode(genome)
+
+    def evaluate(self, recipe: PSRecipe) -> tuple[dict[str, Any], dict[str, float]]:
+        started = time.perf_counter()
+        model = self.merger.merge(recipe)
+        merged = time.perf_counter()
+        metrics = self.evaluator.evaluate(model, model_key=recipe.hash).metrics
+        return metrics, {"merge": round(merged - started, 4), "eval": round(time.perf_counter() - merged, 4)}
+
+
+def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
+    """Layer groups from `search.layer_groups`: 0 = one set of values for the whole model, k = embed, k block
+    ranges, head."""
+    merge = OmegaConf.to_container(cfg.merge, resolve=True)
+    method = merge.pop("method")
+    spec = METHODS[method]
+    parameters = {k: v for k, v in merge.items() if k not in spec.per_model + spec.per_group}
+    k = int(cfg.search.layer_groups)
+    groups = group_names(count_blocks(tensor_names), max(k, 1))
+    return PSGenomeSpace(
+        method=method,
+        base=pool.base if spec.needs_base else None,
+        models=pool.models,
+        groups=tuple(groups),
+        parameters=parameters,
+        shared=k == 0,
+        ranges={key: tuple(value) for key, value in OmegaConf.to_container(cfg.search.ranges).items()},
+    )
+
+
+def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
+    tokenizer = load_tokenizer(pool.tokenizer_source)
+    merger = InMemoryMerger(pool.base, pool.models)
+    space = genome_space(cfg, pool, merger.names)
+    task = load_task(cfg.task.name, pool.variables)
+    evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
+                          max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
+    problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
+    optimizer = lambda: CMAES(space.dim, seed=cfg.search.seed, sigma0=cfg.search.sigma0,  # noqa: E731
+                              popsize=cfg.search.popsize)
+    return problem, optimizer
+
+
+def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
+    """Uniform merges with each method's default values (conf/merge/<method>.yaml): what a hand-tuned merge starts from."""
+    recipes = {}
+    for method in BASELINES:
+        settings = yaml.safe_load((CONF_MERGE / f"{method}.yaml").read_text())
+        recipes[method] = recipe_from_merge_config(settings, pool.base, list(pool.models))
+    return recipes
+
+
+def test_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: PSRecipe) -> dict[str, Any]:
+    """Sources, uniform baselines and the best recipe on the held-out test split; `fitness` = the objective."""
+    tokenizer = load_tokenizer(pool.tokenizer_source)
+    task = load_task(cfg.task.name, pool.variables)
+    evaluator = Evaluator(task, "test", tokenizer, batch_size=cfg.task.batch_size,
+                          max_new_tokens=cfg.task.max_new_tokens, progress=False)
+    objective = cfg.search.objectives[0]
+    rows = []
+
+    def add(name: str, kind: str, model, key: str, recipe: PSRecipe | None = None) -> None:
+        metrics = evaluator.evaluate(model, model_key=key).metrics
+        row = {"name": name, "kind": kind, "metrics": {"fitness": metrics[objective], **metrics}}
+        if recipe is not None:
+            row["recipe_hash"] = recipe.hash
+        rows.append(row)
+
+    for name, path in [("base", pool.base), *zip(pool.names, pool.models)]:
+        add(name, "source", load_model(path), f"source:{path}")
+    for name, recipe in baseline_recipes(pool).items():
+        add(f"{name} (uniform)", "baseline", merger.merge(recipe), recipe.hash, recipe)
+    add("best (search)", "best", merger.merge(best), best.hash, best)
+    return {"split": "test", "objective": objective, "task": task.name, "rows": rows}
+
+
+def format_rows(report: dict[str, Any]) -> str:
+    """One line per row: the fitness, then each component's score (composite tasks) or acc / acc_ja / ja_rate."""
+    metrics = report["rows"][0]["metrics"]
+    columns = [k for k in metrics if k.endswith("/score")] or ["acc", "acc_ja", "ja_rate"]
+    header = f"{'model':<26}{'kind':<10}{'fitness':>9}" + "".join(f"{c:>20}" for c in columns)
+    lines = [f"{report['task']} on the {report['split']} split (fitness = {report['objective']})", header,
+             "-" * len(header)]
+    for row in report["rows"]:
+        m = row["metrics"]
+        lines.append(f"{row['name']:<26}{row['kind']:<10}{m['fitness']:>9.3f}" + "".join(f"{m[c]:>20.3f}" for c in columns))
+    return "\n".join(lines)

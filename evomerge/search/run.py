@@ -1,0 +1,269 @@
+"""The generation loop every search shares: ask, evaluate, log, tell, checkpoint -- and resume exactly.
+
+A run directory holds:
+- `log.jsonl`: one line per candidate (generation, genome, recipe hash, metrics, fitness, seconds, error);
+- `checkpoint.json`: written atomically after every generation (temp file, fsync, rename; the previous one kept as
+  `checkpoint.prev.json`), with a checksum. It holds the settings, counters, elapsed time, the best candidate and
+  the told history -- every generation's genomes and fitness -- from which the optimizer is rebuilt by replay;
+- `best_recipe.yaml`, kept current.
+Resuming after a kill at any moment: the optimizer is replayed from the checkpoint, log lines written after it
+(a generation cut short) are taken back and reused verbatim when the replayed generation asks for the same
+candidates, so the log and the best recipe come out as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from evomerge.search.optimizer import Optimizer
+
+CHECKPOINT_FORMAT = "evomerge-checkpoint"
+CHECKPOINT_VERSION = 1
+FAILED_FITNESS = -1.0  # below any metric in [0, 1]: a candidate that crashed is the worst candidate
+
+
+class SearchError(RuntimeError):
+    """A search cannot start or go on; the message says why and what to do."""
+
+
+class Recipe(Protocol):
+    @property
+    def hash(self) -> str: ...
+
+    def save(self, path: str | Path) -> Path: ...
+
+
+class Problem(Protocol):
+    """What a search optimises: genomes decode to recipes, recipes are evaluated into metrics."""
+
+    objectives: tuple[str, ...]  # metric names, all maximised; the first is the primary fitness
+
+    def decode(self, genome: np.ndarray) -> Recipe: ...
+
+    def evaluate(self, recipe: Recipe) -> tuple[dict[str, Any], dict[str, float]]: ...  # metrics, seconds
+
+
+@dataclass(frozen=True)
+class Budget:
+    generations: int
+    max_seconds: float | None = None
+
+
+def _digest(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, ensure_ascii=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> None:
+    current, previous = run_dir / "checkpoint.json", run_dir / "checkpoint.prev.json"
+    document = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "checksum": _digest(payload), **payload}
+    if current.exists():
+        os.replace(current, previous)
+    write_json_atomic(current, document)
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that parses and matches its checksum; None for a fresh run directory."""
+    problems = []
+    for path in (run_dir / "checkpoint.json", run_dir / "checkpoint.prev.json"):
+        if not path.exists():
+            continue
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            problems.append(f"{path.name} is unreadable ({error})")
+            continue
+        if document.get("format") != CHECKPOINT_FORMAT or document.get("version") != CHECKPOINT_VERSION:
+            raise SearchError(
+                f"{path} is not an evomerge checkpoint of version {CHECKPOINT_VERSION} "
+                f"(format {document.get('format')!r}, version {document.get('version')!r})"
+            )
+        payload = {k: v for k, v in document.items() if k not in ("format", "version", "checksum")}
+        if document.get("checksum") != _digest(payload):
+            problems.append(f"{path.name} fails its checksum")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; resuming from {path.name}")
+        return payload
+    if problems:
+        raise SearchError(f"no usable checkpoint in {run_dir}: {'; '.join(problems)}")
+    return None
+
+
+def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse to resume under different settings, naming the first one that differs."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            check_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            raise SearchError(
+                f"cannot resume: setting {prefix}{key} was {json.dumps(a)} in the checkpoint, is {json.dumps(b)} now"
+            )
+
+
+class CandidateLog:
+    """`log.jsonl`, appended line by line; lines past the checkpoint are kept aside for replay."""
+
+    def __init__(self, path: Path, keep_lines: int):
+        self.path = path
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        if len(lines) < keep_lines:
+            raise SearchError(f"{path} has {len(lines)} lines but the checkpoint counts {keep_lines}: the log was cut")
+        self.entries = [json.loads(line) for line in lines[:keep_lines]]
+        self.pending = {}
+        for line in lines[keep_lines:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the half-written last line of a killed process
+                continue
+            self.pending[entry["index"]] = entry
+        write_text_atomic(path, "".join(line + "\n" for line in lines[:keep_lines]))
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.entries.append(entry)
+
+
+@dataclass
+class SearchResult:
+    best: dict[str, Any]
+    history: list[dict[str, Any]]
+    evaluations: int
+    entries: list[dict[str, Any]]
+
+
+def run_search(
+    run_dir: str | Path,
+    problem: Problem,
+    make_optimizer: Callable[[], Optimizer],
+    settings: Mapping[str, Any],
+    budget: Budget,
+    *,
+    progress: bool = True,
+) -> SearchResult:
+    """Run (or resume) a search in `run_dir` until the budget is spent or the optimizer stops."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(settings))  # plain JSON types, as a checkpoint stores them
+    state = load_checkpoint(run_dir)
+    if state is None:
+        if (run_dir / "log.jsonl").exists():
+            raise SearchError(f"{run_dir} has a log but no checkpoint: not a run this version can resume")
+        state = {"settings": settings, "generation": 0, "evaluations": 0, "log_lines": 0,
+                 "elapsed_seconds": 0.0, "history": [], "best": None}
+    else:
+        check_settings(state["settings"], settings)
+    optimizer = make_optimizer()
+    _replay(optimizer, state["history"])
+    log = CandidateLog(run_dir / "log.jsonl", state["log_lines"])
+    cache = {e["recipe_hash"]: e for e in log.entries if e["error"] is None and not e["cached"]}
+    cache.update({e["recipe_hash"]: e for e in log.pending.values() if e["error"] is None and not e["cached"]})
+
+    started = time.perf_counter() - state["elapsed_seconds"]
+    bar = tqdm(total=budget.generations, initial=state["generation"], desc="search", unit="gen", disable=not progress)
+    while state["generation"] < budget.generations and not optimizer.done():
+        if budget.max_seconds is not None and time.perf_counter() - started >= budget.max_seconds:
+            break
+        genomes = optimizer.ask()
+        fitness = []
+        for genome in genomes:
+            entry = _candidate(problem, genome, state, log, cache)
+            log.append(entry)
+            state["evaluations"] += 1
+            fitness.append(entry["fitness"])
+            if entry["error"] is None and (state["best"] is None or entry["fitness"][0] > state["best"]["fitness"][0]):
+                state["best"] = entry
+                problem.decode(np.asarray(entry["genome"])).save(run_dir / "best_recipe.yaml.tmp")
+                os.replace(run_dir / "best_recipe.yaml.tmp", run_dir / "best_recipe.yaml")
+        optimizer.tell(genomes, fitness)
+        state["history"].append({"genomes": [g.tolist() for g in genomes], "fitness": fitness})
+        state["generation"] += 1
+        state["log_lines"] = len(log.entries)
+        state["elapsed_seconds"] = time.perf_counter() - started
+        _check_failures(log.entries)
+        save_checkpoint(run_dir, state)
+        bar.update(1)
+        if state["best"] is not None:
+            bar.set_postfix(best=f"{state['best']['fitness'][0]:.3f}")
+    bar.close()
+    if state["best"] is None:
+        raise SearchError(f"no candidate of {run_dir} was evaluated successfully; see the errors in log.jsonl")
+    return SearchResult(state["best"], state["history"], state["evaluations"], log.entries)
+
+
+def _replay(optimizer: Optimizer, history: Sequence[Mapping[str, Any]]) -> None:
+    for generation, told in enumerate(history):
+        asked = optimizer.ask()
+        stored = [np.asarray(g) for g in told["genomes"]]
+        if len(asked) != len(stored) or not all(np.array_equal(a, b) for a, b in zip(asked, stored)):
+            raise SearchError(
+                f"replaying the checkpoint diverged at generation {generation}: the optimizer (or its library "
+                "version) differs from the one that wrote it"
+            )
+        optimizer.tell(asked, told["fitness"])
+
+
+def _candidate(problem: Problem, genome: np.ndarray, state: dict, log: CandidateLog, cache: dict) -> dict[str, Any]:
+    index = state["evaluations"]
+    recipe = problem.decode(genome)
+    pending = log.pending.get(index)
+    if pending is not None and pending["recipe_hash"] == recipe.hash:
+        return pending
+    entry: dict[str, Any] = {
+        "index": index, "generation": state["generation"], "genome": genome.tolist(), "recipe_hash": recipe.hash,
+    }
+    if recipe.hash in cache:
+        hit = cache[recipe.hash]
+        return {**entry, "metrics": hit["metrics"], "fitness": hit["fitness"], "seconds": {}, "cached": True,
+                "error": None}
+    try:
+        metrics, seconds = problem.evaluate(recipe)
+        fitness = [float(metrics[name]) for name in problem.objectives]
+        if not all(math.isfinite(f) for f in fitness):
+            raise FloatingPointError(f"non-finite fitness {fitness}")
+        error = None
+    except Exception as exc:  # a bad candidate must not end a long search: log it, score it worst
+        metrics, seconds, fitness = {}, {}, [FAILED_FITNESS] * len(problem.objectives)
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    entry.update(metrics=metrics, fitness=fitness, seconds=seconds, cached=False, error=error)
+    if error is None:
+        cache[recipe.hash] = entry
+    return entry
+
+
+def _check_failures(entries: Sequence[Mapping[str, Any]], minimum: int = 8) -> None:
+    failed = [e for e in entries if e["error"] is not None]
+    if len(entries) >= minimum and len(failed) > len(entries) / 2:
+        raise SearchError(
+            f"{len(failed)} of {len(entries)} candidates failed; the last error was: {failed[-1]['error']}"
+        )

@@ -1,0 +1,194 @@
+"""Build (or find cached) the toy zoo: task data, tokenizer, a pretrained base and fine-tuned experts, and a report.
+
+A zoo lives in `<home>/zoo-<variant>-<hash>`, where the hash covers the whole spec, so changing the recipe builds a new
+zoo and an unchanged one is found again. Stages are written into `<dir>.partial/` and skipped when already there, so
+an interrupted build resumes; the directory is renamed into place only when the report is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from evomerge.eval.task import load_task
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.zoo import corpus
+from evomerge.zoo.report import zoo_report
+from evomerge.zoo.tokenizer import train_tokenizer
+from evomerge.zoo.train import finetune, mean_tail, pretrain
+
+SPEC_VERSION = 1  # bump when code changes what a spec builds
+TASKS = ("toy_ja_qa", "toy_en_math", "toy_ja_math")
+OBJECTIVE = "toy_two_skill"  # both experts' skills in one model: the zoo's default search objective
+REPORT_TASKS = (*TASKS, OBJECTIVE)
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    task: str  # the task whose training pairs the expert is fine-tuned on
+    steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything a zoo is built from; its hash names the zoo directory."""
+
+    variant: str = "full"
+    seed: int = 0
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    pretrain_documents: int = 60000
+    pretrain_steps: int = 700
+    pretrain_lr: float = 3e-3
+    batch_size: int = 32
+    seq_len: int = 128
+    expert_examples: int = 4000
+    experts: dict[str, ExpertSpec] = field(
+        default_factory=lambda: {
+            "ja_expert": ExpertSpec("toy_ja_qa", 300, 3e-4),
+            "math_expert": ExpertSpec("toy_en_math", 300, 3e-4),
+        }
+    )
+    split_sizes: dict[str, int] = field(default_factory=lambda: {"search": 100, "test": 200})
+    # task-arithmetic weights (ja_expert, math_expert) tried by the merge probe
+    probe_weights: tuple[tuple[float, float], ...] = ((0.5, 0.5), (0.75, 0.75), (1.0, 1.0), (0.5, 1.0), (1.0, 0.5))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ZooSpec:
+        values = dict(values)
+        if "experts" in values:
+            values["experts"] = {name: ExpertSpec(**spec) for name, spec in values["experts"].items()}
+        if "probe_weights" in values:
+            values["probe_weights"] = tuple(tuple(w) for w in values["probe_weights"])
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown zoo setting(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {"spec_version": SPEC_VERSION, **dataclasses.asdict(self)}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def zoo_dir(spec: ZooSpec, home: str | Path) -> Path:
+    return Path(home).expanduser() / f"zoo-{spec.variant}-{spec.hash}"
+
+
+def build_zoo(spec: ZooSpec, home: str | Path) -> Path:
+    """Return the zoo directory for `spec`, building whatever is missing."""
+    final = zoo_dir(spec, home)
+    if (final / "zoo_report.json").is_file():
+        return final
+    work = final.with_name(final.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)  # training is the heavy job: use every core
+    timings = {}
+    for stage in (_write_data, _train_base, _train_experts):
+        started = time.perf_counter()
+        stage(spec, work)
+        timings[stage.__name__.strip("_")] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    report = zoo_report(work, spec.experts, REPORT_TASKS, spec.probe_weights, OBJECTIVE)
+    timings["report"] = round(time.perf_counter() - started, 1)
+    report["build_seconds"] = timings
+    (work / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    _write_json(work / "zoo_report.json", report)
+    if final.exists():  # a stale, incomplete directory from an older layout
+        shutil.rmtree(final)
+    work.rename(final)
+    return final
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def _eval_splits(spec: ZooSpec) -> dict[str, dict[str, list[corpus.Example]]]:
+    return {task: corpus.task_splits(task, spec.seed, spec.split_sizes) for task in TASKS}
+
+
+def _write_data(spec: ZooSpec, work: Path) -> None:
+    for task, splits in _eval_splits(spec).items():
+        folder = work / "data" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, examples in splits.items():
+            lines = "".join(json.dumps(e.row(), ensure_ascii=False) + "\n" for e in examples)
+            (folder / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+
+
+def _stage_done(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def _train_base(spec: ZooSpec, work: Path) -> None:
+    out = work / "base"
+    if _stage_done(out):
+        return
+    documents = corpus.pretraining_documents(spec.seed, spec.pretrain_documents)
+    tokenizer = train_tokenizer(documents[: max(2000, len(documents) // 10)], spec.vocab_size)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = MistralForCausalLM(config)
+    losses = pretrain(
+        model, tokenizer, documents, steps=spec.pretrain_steps, batch_size=spec.batch_size,
+        seq_len=spec.seq_len, lr=spec.pretrain_lr, seed=spec.seed, desc="zoo: base",
+    )
+    _save(model, tokenizer, out, {"final_loss": mean_tail(losses)})
+
+
+def _train_experts(spec: ZooSpec, work: Path) -> None:
+    held_out = {e.question for splits in _eval_splits(spec).values() for rows in splits.values() for e in rows}
+    tokenizer = load_tokenizer(work / "base")
+    for name, expert in spec.experts.items():
+        out = work / name
+        if _stage_done(out):
+            continue
+        task = load_task(expert.task, variables={"zoo_dir": str(work)})
+        examples = corpus.training_examples(expert.task, spec.seed, spec.expert_examples, held_out)
+        pairs = [(task.build_prompt(e.question), e.completion) for e in examples]
+        model = load_model(work / "base")
+        losses = finetune(
+            model, tokenizer, pairs, steps=expert.steps, batch_size=spec.batch_size,
+            lr=expert.lr, seed=spec.seed, desc=f"zoo: {name}",
+        )
+        _save(model, tokenizer, out, {"final_loss": mean_tail(losses), "task": expert.task})
+
+
+def _save(model, tokenizer, out: Path, info: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

@@ -1,0 +1,85 @@
+"""The zoo's report: every model on every toy task (test split), and a small merge probe chosen on the search split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.eval.evaluator import Evaluator, ResultCache
+from evomerge.eval.task import load_task
+from evomerge.merge.memory import InMemoryMerger
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.recipe import PSRecipe
+
+REPORTED_METRICS = ("score", "acc", "acc_ja", "ja_rate")
+
+
+class TaskSuite:
+    """Evaluators for several tasks on one split, sharing a tokenizer and a cache."""
+
+    def __init__(self, zoo: Path, tasks: Iterable[str], split: str):
+        tokenizer = load_tokenizer(zoo / "base")
+        cache = ResultCache(keep_samples=False)
+        variables = {"zoo_dir": str(zoo)}
+        self.split = split
+        self.evaluators = {
+            name: Evaluator(load_task(name, variables), split, tokenizer, batch_size=64, cache=cache, progress=False)
+            for name in tasks
+        }
+
+    def scores(self, model: torch.nn.Module, key: str) -> dict[str, dict[str, Any]]:
+        return {name: _summary(ev.evaluate(model, key).metrics) for name, ev in self.evaluators.items()}
+
+
+def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {"split": metrics["split"], **{k: round(float(metrics[k]), 4) for k in REPORTED_METRICS}}
+
+
+def zoo_report(zoo: Path, experts: Iterable[str], tasks: Iterable[str], probe_weights, objective: str) -> dict:
+    """Score base and experts on the test split; pick the best task-arithmetic probe on search, score it on test."""
+    experts, tasks = list(experts), list(tasks)
+    test = TaskSuite(zoo, tasks, "test")
+    report: dict[str, Any] = {"models": {}}
+    for name in ["base", *experts]:
+        report["models"][name] = test.scores(load_model(zoo / name), name)
+    merger = InMemoryMerger(zoo / "base", [zoo / name for name in experts])
+    search = TaskSuite(zoo, [objective], "search")
+    tried, best, best_score = [], None, float("-inf")
+    for weights in probe_weights:
+        recipe = PSRecipe.uniform("task_arithmetic", zoo / "base", merger.models, weight=list(weights))
+        score = search.scores(merger.merge(recipe), recipe.hash)[objective]["score"]
+        tried.append({"weight": list(weights), "search_score": score})
+        if score > best_score:
+            best, best_score = recipe, score
+    report["merge_probe"] = {
+        "recipe": _portable(best.to_dict(), zoo),
+        "chosen_on": "search",
+        "objective": objective,
+        "grid": tried,
+        "tasks": test.scores(merger.merge(best), best.hash),
+    }
+    return report
+
+
+def _portable(recipe: dict, zoo: Path) -> dict:
+    """Model paths relative to the zoo, so the report stays true when the zoo directory is renamed into place."""
+    def rel(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).relative_to(zoo))
+    return {**recipe, "base": rel(recipe["base"]), "models": [rel(m) for m in recipe["models"]]}
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A plain-text table: one row per model (and the merge probe), one column per task's primary score."""
+    rows = dict(report["models"])
+    rows["merge_probe"] = report["merge_probe"]["tasks"]
+    tasks = list(next(iter(rows.values())))
+    header = f"{'model (test split)':<20}" + "".join(f"{t:>15}" for t in tasks)
+    lines = [header, "-" * len(header)]
+    for name, scores in rows.items():
+        lines.append(f"{name:<20}" + "".join(f"{scores[t]['score']:>15.3f}" for t in tasks))
+    weights = report["merge_probe"]["recipe"]["groups"][0]["weight"]
+    lines.append(f"merge_probe = task arithmetic, weights {weights}, chosen on the search split")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The toy zoo: deterministic data, the micro build end to end, and (slow) the full zoo's gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.zoo import corpus
+from evomerge.zoo.build import ZooSpec, build_zoo, zoo_dir
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "zoo"
+
+
+def micro_spec() -> ZooSpec:
+    return ZooSpec.from_dict(yaml.safe_load((CONF / "micro.yaml").read_text()))
+
+
+def test_task_splits_are_deterministic_and_disjoint():
+    first = corpus.task_splits("toy_ja_math", 0, {"search": 50, "test": 50})
+    again = corpus.task_splits("toy_ja_math", 0, {"search": 50, "test": 50})
+    assert first == again
+    search = {e.question for e in first["search"]}
+    assert len(search) == 50 and not search & {e.question for e in first["test"]}
+
+
+def test_training_examples_never_repeat_held_out_questions():
+    held_out = {e.question for e in corpus.task_splits("toy_en_math", 0, {"test": 200})["test"]}
+    train = corpus.training_examples("toy_en_math", 0, 2000, held_out)
+    assert len(train) == 2000 and not held_out & {e.question for e in train}
+
+
+def test_examples_carry_the_right_answers():
+    rng = __import__("random").Random(3)
+    for _ in range(50):
+        p = corpus.sample_problem(rng)
+        assert p.result == (p.a + p.b if p.add else p.a - p.b) and p.result >= 1
+        assert corpus.ja_math_answer(p).endswith(f"答えは{p.result}{corpus.ITEMS[p.item][2]}です。")
+    example = corpus.ja_qa_example(rng)
+    assert example.answer in example.question and example.answer in example.completion
+
+
+def test_spec_hash_tracks_every_setting():
+    spec = micro_spec()
+    assert spec.hash == micro_spec().hash
+    changed = ZooSpec.from_dict({**yaml.safe_load((CONF / "micro.yaml").read_text()), "seed": 1})
+    assert changed.hash != spec.hash
+
+
+def test_unknown_zoo_setting_is_named():
+    with pytest.raises(ValueError, match="hidden_sise"):
+        ZooSpec.from_dict({"hidden_sise": 3})
+
+
+def test_micro_zoo_builds_loads_and_is_cached(tmp_path):
+    spec = micro_spec()
+    path = build_zoo(spec, tmp_path)
+    assert path == zoo_dir(spec, tmp_path) and not path.with_name(path.name + ".partial").exists()
+    report = json.loads((path / "zoo_report.json").read_text())
+    assert set(report["models"]) == {"base", "ja_expert", "math_expert"}
+    for scores in report["models"].values():
+        assert set(scores) == {"toy_ja_qa", "toy_en_math", "toy_ja_math", "toy_two_skill"}
+        assert all(s["split"] == "test" and 0 <= s["score"] <= 1 for s in scores.values())
+    assert report["merge_probe"]["chosen_on"] == "search"
+    model = load_model(path / "math_expert")
+    tokenizer = load_tokenizer(path / "math_expert")
+    assert model.config.model_type == "mistral" and len(tokenizer) == model.config.vocab_size
+    stamp = (path / "zoo_report.json").stat().st_mtime_ns
+    assert build_zoo(spec, tmp_path) == path and (path / "zoo_report.json").stat().st_mtime_ns == stamp
