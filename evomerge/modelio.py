@@ -130,15 +130,21 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor (its own memory, not a view of a mapped file) holding ``name``'s values."""
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max((entry.end - entry.start for entry in self.entries.values()), default=0)
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """``name``'s values in memory of their own (not a view of a mapped file): a fresh tensor, or the
+        front of ``buffer`` (uint8, large enough) so a streaming caller can reuse one allocation."""
         entry = self.entries.get(name)
         if entry is None:
             raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
         handle = self._handles.get(entry.file)
         if handle is None:
             handle = self._handles[entry.file] = open(entry.file, "rb", buffering=0)
-        buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        nbytes = entry.end - entry.start
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
         handle.seek(entry.start)
         view = memoryview(buffer.numpy())
         filled = 0

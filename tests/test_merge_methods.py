@@ -77,39 +77,71 @@ def test_magnitude_threshold_matches_sorting_on_a_large_tensor():
     assert methods.keep_count(10, 0.01) == 1
 
 
-UNIFORMS = [T([0.1, 0.9, 0.4, 0.6]), T([0.7, 0.2, 0.3, 0.8]), T([0.45, 0.55, 0.05, 0.95])]
+KEYS = [methods.dare_key(3, "t", index) for index in range(3)]
 
 
-def test_dare_linear_drops_by_draw_and_rescales_by_inverse_density():
+def dare_reference(base, deltas, weights, density, keys, *, consensus, normalize):
+    """DARE written out entry by entry: keep where draw < density, survivors / density, then TIES or a sum."""
+    kept = [[float(d) / density if float(u) < density else 0.0 for d, u in zip(delta, methods.dare_draws(len(delta), key))]
+            for delta, key in zip(deltas, keys)]
+    merged = []
+    for entry in range(len(base)):
+        values = [weight * kept[model][entry] for model, weight in enumerate(weights)]
+        if not consensus:
+            merged.append(sum(values) / (sum(weights) if normalize else 1.0))
+            continue
+        positive = sum(values) >= 0
+        agreeing = [(value, weights[model]) for model, value in enumerate(values) if value != 0 and (value > 0) == positive]
+        total = sum(value for value, _ in agreeing)
+        weight = sum(weight for _, weight in agreeing)
+        merged.append(total / weight if normalize and weight else total)
+    return base + T(merged)
+
+
+def test_dare_at_full_density_is_task_arithmetic():
     tensors = [BASE + delta for delta in DELTAS]
-    # density 0.5: kept where draw < 0.5 and doubled
-    # A [8,0,1,0]  B [0,-4,6,0]  C [2,0,-2,0]; weighted sum: [8,-2,1+3-2,0] = [10, -2, 2, 0] with B*0.5
-    merged = methods.dare_linear(BASE, tensors, WEIGHTS, [0.5] * 3, UNIFORMS)
-    assert torch.equal(merged, BASE + T([10.0, -2.0, 2.0, 0.0]))
+    # nothing dropped, survivors scaled by 1/1: A + 0.5 B + C = [3.5, 3, 1, -5.95]
+    merged = methods.dare_linear(BASE, tensors, WEIGHTS, [1.0] * 3, KEYS)
+    torch.testing.assert_close(merged, BASE + T([3.5, 3.0, 1.0, -5.95]))
 
 
-def test_dare_ties_elects_signs_on_rescaled_survivors():
-    tensors = [BASE + delta for delta in DELTAS]
-    # weighted survivors: A [8,0,1,0]  B [0,-2,3,0]  C [2,0,-2,0]; sums [10,-2,2,0] -> + - + +(0)
-    # entry 0: A 8, C 2 (w 2) -> 5; entry 1: B -2 (w .5) -> -4; entry 2: A 1, B 3 (w 1.5) -> 8/3; entry 3: none -> 0
-    merged = methods.dare_ties(BASE, tensors, WEIGHTS, [0.5] * 3, UNIFORMS, normalize=True)
-    torch.testing.assert_close(merged, BASE + T([5.0, -4.0, 8.0 / 3.0, 0.0]))
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dare_drops_by_draw_and_rescales_by_inverse_density(consensus, normalize):
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(64, generator=generator)
+    deltas = [torch.randn(64, generator=generator) for _ in range(3)]
+    merge = methods.dare_ties if consensus else methods.dare_linear
+    merged = merge(base, [base + delta for delta in deltas], WEIGHTS, [0.4] * 3, KEYS, normalize=normalize)
+    expected = dare_reference(base, [base + delta - base for delta in deltas], WEIGHTS, 0.4, KEYS,
+                              consensus=consensus, normalize=normalize)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_dare_l1_rescale_restores_each_task_vectors_l1_norm():
-    delta = T([4.0, -1.0, 0.5, -2.0])
-    # draws keep entries 0 and 2: L1 before 7.5, after 4.5 -> factor 7.5/4.5
-    merged = methods.dare_linear(BASE, [BASE + delta], [1.0], [0.5], [UNIFORMS[0]], rescale="l1")
-    torch.testing.assert_close(merged, BASE + T([4.0, 0.0, 0.5, 0.0]) * (7.5 / 4.5))
+    delta = torch.linspace(-2.0, 3.0, 50)
+    base = torch.zeros(50)
+    keep = methods.dare_draws(50, KEYS[0]) < 0.5
+    assert 0 < int(keep.sum()) < 50
+    merged = methods.dare_linear(base, [delta], [1.0], [0.5], KEYS[:1], rescale="l1")
+    factor = float(delta.abs().sum()) / float(delta[keep].abs().sum())
+    torch.testing.assert_close(merged, torch.where(keep, delta * factor, 0.0))
 
 
 def test_dare_draws_are_seeded_per_tensor_and_model():
-    draws = methods.dare_uniforms(100_000, 7, "model.layers.0.mlp.up_proj.weight", 1)
-    assert torch.equal(draws, methods.dare_uniforms(100_000, 7, "model.layers.0.mlp.up_proj.weight", 1))
-    assert not torch.equal(draws, methods.dare_uniforms(100_000, 7, "model.layers.0.mlp.up_proj.weight", 0))
-    assert not torch.equal(draws, methods.dare_uniforms(100_000, 8, "model.layers.0.mlp.up_proj.weight", 1))
-    assert not torch.equal(draws, methods.dare_uniforms(100_000, 7, "model.layers.1.mlp.up_proj.weight", 1))
-    assert abs(float((draws < 0.3).float().mean()) - 0.3) < 0.01  # keeps ~density of the entries
+    name = "model.layers.0.mlp.up_proj.weight"
+    draws = methods.dare_draws(200_000, methods.dare_key(7, name, 1))
+    assert torch.equal(draws, methods.dare_draws(200_000, methods.dare_key(7, name, 1)))
+    others = [methods.dare_key(7, name, 0), methods.dare_key(8, name, 1), methods.dare_key(7, name.replace("0", "1"), 1)]
+    for key in others:
+        other = methods.dare_draws(200_000, key)
+        assert abs(float(torch.corrcoef(torch.stack([draws, other]))[0, 1])) < 0.01
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    counts = torch.histc(draws, bins=10, min=0.0, max=1.0) / draws.numel()
+    assert torch.allclose(counts, torch.full((10,), 0.1), atol=0.005)  # uniform
+    assert abs(float(torch.corrcoef(torch.stack([draws[:-1], draws[1:]]))[0, 1])) < 0.01  # neighbours independent
+    for density in (0.1, 0.5, 0.9):
+        assert abs(float((draws < density).float().mean()) - density) < 0.005
 
 
 def test_slerp_follows_the_great_circle():

@@ -2,8 +2,9 @@
 written straight into a resident model's parameters (no new model, no disk I/O).
 
 Prepared once: every input tensor in its checkpoint dtype (validated like the disk path), the resident
-model, and -- lazily, the first time a method needs them -- sorted |task vector| entries per tensor (a TIES
-trim at any density becomes one threshold lookup) and the DARE draws for the recipe's seed.  Candidates run
+model, and -- lazily, the first time a TIES recipe needs them -- sorted |task vector| entries per tensor (a
+TIES trim at any density becomes one threshold lookup).  DARE draws are a hash of the entry index, computed
+inside the merge kernel, so they need no storage.  Candidates run
 `methods.merge_tensor` exactly as `merge_to_disk` does, so a candidate's tensors equal the disk result's bit
 for bit when the resident model has the checkpoint dtype (the default).
 """
@@ -18,7 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from evomerge.merge import MergeError
-from evomerge.merge.methods import dare_uniforms, merge_tensor, sorted_magnitudes
+from evomerge.merge.methods import merge_tensor, sorted_magnitudes
 from evomerge.merge.stream import check_recipe_fits, needed_statistics, open_inputs
 from evomerge.modelio import load_model
 from evomerge.recipe import PSRecipe
@@ -61,8 +62,6 @@ class InMemoryMerger:
             (kind,): values for kind, values in (statistics or {}).items()
         }
         self._sorted: dict[str, list[Tensor]] = {}
-        self._uniforms: dict[tuple[str, int], Tensor] = {}
-        self._uniforms_seed: int | None = None
         self._assignments: dict[tuple[str, ...], dict[str, int]] = {}
 
     @staticmethod
@@ -105,16 +104,6 @@ class InMemoryMerger:
             self._sorted[name] = [sorted_magnitudes(pool[name].float() - base) for pool in self._pool]
         return self._sorted[name]
 
-    def _dare_uniforms(self, name: str, seed: int, count: int) -> list[Tensor]:
-        if seed != self._uniforms_seed:
-            self._uniforms.clear()
-            self._uniforms_seed = seed
-        numel = self._targets[name].numel()
-        for index in range(count):
-            if (name, index) not in self._uniforms:
-                self._uniforms[(name, index)] = dare_uniforms(numel, seed, name, index)
-        return [self._uniforms[(name, index)] for index in range(count)]
-
     def _pool_statistics(self, recipe: PSRecipe, indices: Sequence[int]) -> Mapping[str, Sequence[Tensor]] | None:
         kind = recipe.spec.statistics
         if kind is None:
@@ -133,8 +122,6 @@ class InMemoryMerger:
         for name in self.names:
             if recipe.method == "ties" and self._targets[name].is_floating_point():
                 self._sorted_magnitudes(name)
-            if recipe.method in ("dare_ties", "dare_linear"):
-                self._dare_uniforms(name, recipe.parameters["seed"], len(indices))
         self._pool_statistics(recipe, indices)
 
     def merge(self, recipe: PSRecipe) -> PreTrainedModel:
@@ -149,13 +136,10 @@ class InMemoryMerger:
             for name in self.names:
                 tensors = [self._pool[index][name] for index in indices]
                 target = self._targets[name]
-                sorted_values = uniforms = None
-                if target.is_floating_point():
-                    if recipe.method == "ties":
-                        sorted_values = [self._sorted_magnitudes(name)[index] for index in indices]
-                    elif recipe.method in ("dare_ties", "dare_linear"):
-                        uniforms = self._dare_uniforms(name, recipe.parameters["seed"], len(indices))
+                sorted_values = None
+                if recipe.method == "ties" and target.is_floating_point():
+                    sorted_values = [self._sorted_magnitudes(name)[index] for index in indices]
                 base = self._base[name] if self._base is not None and recipe.base is not None else None
                 merge_tensor(recipe, recipe.groups[assignment[name]], name, base, tensors, out=target,
-                             sorted_magnitudes=sorted_values, uniforms=uniforms, statistics=statistics)
+                             sorted_magnitudes=sorted_values, statistics=statistics)
         return self.model

@@ -121,11 +121,30 @@ def _ties_kernel(
     return out
 
 
+_LOW31 = (1 << 31) - 1
+_HASH_MULTIPLIER = 0x45D9F3B
+
+
+def _mix31(values: Tensor) -> Tensor:
+    """Integer hash of int64 values in [0, 2^31): multiply-xorshift rounds whose products stay below 2^58."""
+    values = ((values ^ (values >> 16)) * _HASH_MULTIPLIER) & _LOW31
+    values = ((values ^ (values >> 16)) * _HASH_MULTIPLIER) & _LOW31
+    return values ^ (values >> 16)
+
+
+def _hash_draws(numel: int, key: Tensor) -> Tensor:
+    """Uniform draws in [0, 1) on a 2^-24 grid, a pure function of (entry index, key): counter-based, so they
+    fuse into the merge kernel instead of being generated and stored."""
+    index = torch.arange(numel, dtype=torch.int64)
+    mixed = _mix31(_mix31((index + key[0]) & _LOW31) ^ key[1])
+    return (mixed >> 7).float() * (2.0**-24)
+
+
 def _dare_kernel(
     out: Tensor,
     base: Tensor,
     tensors: list[Tensor],
-    uniforms: list[Tensor],
+    keys: Tensor,
     weights: Tensor,
     densities: Tensor,
     rescales: Tensor,
@@ -138,7 +157,7 @@ def _dare_kernel(
     weighted = []
     for index, tensor in enumerate(tensors):
         delta = tensor.float() - base32
-        kept = torch.where(uniforms[index] < densities[index], delta * rescales[index], 0.0)
+        kept = torch.where(_hash_draws(base.numel(), keys[index]) < densities[index], delta * rescales[index], 0.0)
         weighted.append(kept * weights[index])
     if consensus:
         merged = _disjoint_mean(weighted, weights, normalize)
@@ -149,6 +168,21 @@ def _dare_kernel(
         merged = merged / divisor
     out.copy_(base32 + merged * scale)
     return out
+
+
+def _dare_l1_kernel(base: Tensor, tensor: Tensor, key: Tensor, density: Tensor) -> Tensor:
+    magnitudes = (tensor.float() - base.float()).abs()
+    kept = torch.where(_hash_draws(base.numel(), key) < density, magnitudes, 0.0)
+    return torch.stack([magnitudes.sum(dtype=torch.float64), kept.sum(dtype=torch.float64)])
+
+
+def _abs_delta_kernel(out: Tensor, base: Tensor, tensor: Tensor) -> Tensor:
+    out.copy_((tensor.float() - base.float()).abs())
+    return out
+
+
+def _all_finite_kernel(tensor: Tensor) -> Tensor:
+    return torch.isfinite(tensor).all()
 
 
 def _fisher_kernel(
@@ -250,6 +284,29 @@ def magnitude_threshold(delta: Tensor, density: float) -> float:
     return kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
 
 
+_workspace: dict[str, Tensor] = {}
+
+
+def _scratch(numel: int) -> Tensor:
+    """A reused float32 buffer: fresh multi-MB allocations cost page faults on every tensor of every model."""
+    buffer = _workspace.get("float32")
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspace["float32"] = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]
+
+
+def _trim_threshold(base: Tensor, tensor: Tensor, density: float) -> float:
+    magnitudes = _run_kernel(_abs_delta_kernel, base.numel(), _scratch(base.numel()), _flat(base), _flat(tensor))
+    return kth_largest(magnitudes, keep_count(magnitudes.numel(), density)) if magnitudes.numel() else 0.0
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or infinity anywhere in ``tensor`` (one fused pass, no temporary mask)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(_run_kernel(_all_finite_kernel, tensor.numel(), _flat(tensor)))
+
+
 def sorted_magnitudes(delta: Tensor) -> Tensor:
     """|delta| sorted ascending, prepared once so `threshold_from_sorted` trims at any density for free."""
     return torch.from_numpy(_flat(delta).float().abs().numpy().copy()).sort().values
@@ -280,7 +337,7 @@ def ties(
     ``thresholds`` (from `threshold_from_sorted`) skips the trim's selection step; the result is the same.
     """
     if thresholds is None:
-        thresholds = [magnitude_threshold(tensor.float() - base.float(), d) for tensor, d in zip(tensors, densities)]
+        thresholds = [_trim_threshold(base, tensor, density) for tensor, density in zip(tensors, densities)]
     out = _output(out, base)
     _run_kernel(
         _ties_kernel,
@@ -296,30 +353,29 @@ def ties(
     return out
 
 
-def dare_seed(seed: int, tensor_name: str, model_index: int) -> int:
-    """Seed of one tensor's DARE mask: the same recipe gives the same mask in any process, on any path."""
+def dare_key(seed: int, tensor_name: str, model_index: int) -> tuple[int, int]:
+    """Key of one tensor's DARE draws, from (recipe seed, tensor name, model index): the same recipe gives
+    the same mask in any process and on either merge path."""
     digest = hashlib.sha256(f"{seed}/{tensor_name}/{model_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest[:4], "little") & _LOW31, int.from_bytes(digest[4:8], "little") & _LOW31
 
 
-def dare_uniforms(numel: int, seed: int, tensor_name: str, model_index: int) -> Tensor:
-    """Uniform draws deciding which entries DARE keeps (entry kept when draw < density)."""
-    generator = torch.Generator().manual_seed(dare_seed(seed, tensor_name, model_index))
-    return torch.rand(numel, generator=generator)
+def dare_draws(numel: int, key: tuple[int, int]) -> Tensor:
+    """The uniform draws DARE compares with density for each entry (kept when draw < density)."""
+    return _hash_draws(numel, torch.tensor(key, dtype=torch.int64))
 
 
 def _dare_rescales(
-    base: Tensor, tensors: Sequence[Tensor], uniforms: Sequence[Tensor], densities: Sequence[float], rescale: str
+    base: Tensor, tensors: Sequence[Tensor], keys: Tensor, densities: Sequence[float], rescale: str
 ) -> list[float]:
     """Survivor scale per model: 1/density (DARE paper) or, for ``l1``, the ratio restoring the L1 norm."""
     if rescale == "dare":
         return [1.0 / density for density in densities]
     factors = []
-    base32 = _flat(base).float()
-    for tensor, draws, density in zip(tensors, uniforms, densities):
-        magnitudes = (_flat(tensor).float() - base32).abs()
-        before = float(magnitudes.sum(dtype=torch.float64))
-        after = float(torch.where(draws < density, magnitudes, 0.0).sum(dtype=torch.float64))
+    for index, (tensor, density) in enumerate(zip(tensors, densities)):
+        before, after = _run_kernel(
+            _dare_l1_kernel, base.numel(), _flat(base), _flat(tensor), keys[index], _as_scalar(density)
+        ).tolist()
         factors.append(before / after if before > 1e-7 and after > 1e-7 else 1.0)
     return factors
 
@@ -329,7 +385,7 @@ def _dare(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
-    uniforms: Sequence[Tensor],
+    keys: Sequence[tuple[int, int]],
     *,
     consensus: bool,
     scale: float,
@@ -338,16 +394,17 @@ def _dare(
     out: Tensor | None,
 ) -> Tensor:
     out = _output(out, base)
+    key_table = torch.tensor(list(keys), dtype=torch.int64)
     _run_kernel(
         _dare_kernel,
         out.numel(),
         _flat(out),
         _flat(base),
         [_flat(tensor) for tensor in tensors],
-        [_flat(draws) for draws in uniforms],
+        key_table,
         _as_vector(weights),
         _as_vector(densities),
-        _as_vector(_dare_rescales(base, tensors, uniforms, densities, rescale)),
+        _as_vector(_dare_rescales(base, tensors, key_table, densities, rescale)),
         _weight_divisor(weights, normalize),
         _as_scalar(scale),
         consensus,
@@ -361,16 +418,16 @@ def dare_ties(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
-    uniforms: Sequence[Tensor],
+    keys: Sequence[tuple[int, int]],
     *,
     scale: float = 1.0,
     normalize: bool = False,
     rescale: str = "dare",
     out: Tensor | None = None,
 ) -> Tensor:
-    """DARE-TIES: drop each delta entry with probability 1 - density (entry kept when its uniform draw is
-    below density), rescale survivors, then TIES sign election and disjoint merge."""
-    return _dare(base, tensors, weights, densities, uniforms, consensus=True, scale=scale,
+    """DARE-TIES: drop each delta entry with probability 1 - density (kept when its draw from `dare_draws`
+    with that model's key is below density), rescale survivors, then TIES sign election and disjoint merge."""
+    return _dare(base, tensors, weights, densities, keys, consensus=True, scale=scale,
                  normalize=normalize, rescale=rescale, out=out)
 
 
@@ -379,15 +436,15 @@ def dare_linear(
     tensors: Sequence[Tensor],
     weights: Sequence[float],
     densities: Sequence[float],
-    uniforms: Sequence[Tensor],
+    keys: Sequence[tuple[int, int]],
     *,
     scale: float = 1.0,
     normalize: bool = False,
     rescale: str = "dare",
     out: Tensor | None = None,
 ) -> Tensor:
-    """DARE drop-and-rescale, then a weighted sum of the task vectors (task arithmetic)."""
-    return _dare(base, tensors, weights, densities, uniforms, consensus=False, scale=scale,
+    """DARE drop-and-rescale (see `dare_ties`), then a weighted sum of the task vectors (task arithmetic)."""
+    return _dare(base, tensors, weights, densities, keys, consensus=False, scale=scale,
                  normalize=normalize, rescale=rescale, out=out)
 
 
@@ -479,13 +536,12 @@ def merge_tensor(
     *,
     out: Tensor | None = None,
     sorted_magnitudes: Sequence[Tensor] | None = None,
-    uniforms: Sequence[Tensor] | None = None,
     statistics: Mapping[str, Sequence[Tensor]] | None = None,
 ) -> Tensor:
     """Merge one named tensor the way ``recipe`` says for the layer ``group`` it belongs to.
 
-    The optional arguments are what the in-memory merger prepared once (sorted |deltas|, DARE draws);
-    without them the same values are computed here.  ``statistics`` maps tensor names to per-model Fisher
+    ``sorted_magnitudes`` (prepared once by the in-memory merger) gives TIES its trim thresholds by lookup;
+    without it the same thresholds are computed here.  ``statistics`` maps tensor names to per-model Fisher
     diagonals or Gram matrices; tensors it lacks are weight-averaged.
     """
     options = recipe.parameters
@@ -520,8 +576,7 @@ def merge_tensor(
             thresholds = [threshold_from_sorted(values, d) for values, d in zip(sorted_magnitudes, densities)]
         return ties(base, tensors, weights, densities, scale=options["lambda"], normalize=options["normalize"],
                     thresholds=thresholds, out=out)
-    if uniforms is None:
-        uniforms = [dare_uniforms(base.numel(), options["seed"], name, index) for index in range(len(tensors))]
+    keys = [dare_key(options["seed"], name, index) for index in range(len(tensors))]
     dare = dare_ties if method == "dare_ties" else dare_linear
-    return dare(base, tensors, weights, densities, uniforms, scale=options["lambda"],
+    return dare(base, tensors, weights, densities, keys, scale=options["lambda"],
                 normalize=options["normalize"], rescale=options["rescale"], out=out)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from evomerge.merge import MergeError
 from evomerge.merge.groups import assign_groups
-from evomerge.merge.methods import merge_tensor
+from evomerge.merge.methods import all_finite, merge_tensor
 from evomerge.modelio import CheckpointReader, ShardedSafetensorsWriter, read_config
 from evomerge.recipe import PSRecipe
 
@@ -47,12 +47,12 @@ class MergeInputs:
     def names(self) -> list[str]:
         return self.reference.names
 
-    def read_checked(self, name: str) -> list[Tensor]:
-        """Every input's tensor ``name``, refusing NaN or infinite values."""
+    def read_checked(self, name: str, buffers: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Every input's tensor ``name`` (into ``buffers``, one per input, when given), refusing NaN or inf."""
         tensors = []
-        for path, reader in zip(self.paths, self.readers):
-            tensor = reader.read(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        for index, (path, reader) in enumerate(zip(self.paths, self.readers)):
+            tensor = reader.read(name, None if buffers is None else buffers[index])
+            if not all_finite(tensor):
                 raise MergeError(f"model {path}: tensor {name!r} contains NaN or infinite values")
             tensors.append(tensor)
         return tensors
@@ -126,13 +126,18 @@ def needed_statistics(recipe: PSRecipe) -> Mapping[str, Sequence[Tensor]] | None
 
 
 def _prefetched(inputs: MergeInputs, names: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
-    """Yield each name's input tensors while a worker thread already reads the next name's (reads release the GIL)."""
+    """Yield each name's input tensors while a worker thread already reads the next name's (reads release
+    the GIL).  Two buffer sets take turns, so a yielded tensor stays valid until the next one is yielded."""
+    size = max(reader.largest_tensor_bytes for reader in inputs.readers)
+    buffer_sets = [[torch.empty(size, dtype=torch.uint8) for _ in inputs.readers] for _ in range(2)]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(inputs.read_checked, names[0]) if names else None
+        pending = pool.submit(inputs.read_checked, names[0], buffer_sets[0]) if names else None
         for index, name in enumerate(names):
             assert pending is not None
             tensors = pending.result()
-            pending = pool.submit(inputs.read_checked, names[index + 1]) if index + 1 < len(names) else None
+            following = index + 1
+            pending = (pool.submit(inputs.read_checked, names[following], buffer_sets[following % 2])
+                       if following < len(names) else None)
             yield name, tensors
 
 
@@ -159,13 +164,14 @@ def merge_to_disk(
             statistics = needed_statistics(recipe)
         layout = [(name, entry.dtype, entry.shape) for name, entry in inputs.reference.entries.items()]
         writer = ShardedSafetensorsWriter(staging, layout, max_shard_bytes)
+        output = torch.empty(inputs.reference.largest_tensor_bytes, dtype=torch.uint8)
         try:
             for name, tensors in _prefetched(inputs, inputs.names):
                 base, models = (tensors[0], tensors[1:]) if inputs.has_base else (None, tensors)
                 group = recipe.groups[assignment[name]]
+                target = output[: tensors[0].nbytes].view(tensors[0].dtype).view(tensors[0].shape)
                 with torch.no_grad():
-                    merged = merge_tensor(recipe, group, name, base, models, out=torch.empty_like(tensors[0]),
-                                          statistics=statistics)
+                    merged = merge_tensor(recipe, group, name, base, models, out=target, statistics=statistics)
                 writer.write(name, merged)
             writer.close()
         finally:

@@ -143,10 +143,14 @@ JA_FACT = {"has": "{name}は{value}を持っています。", "lives": "{name}�
 JA_QUESTION = {"has": "{name}は何を持っていますか？", "lives": "{name}はどこに住んでいますか？", "likes": "{name}の好きな食べ物は何ですか？"}
 
 
-def sample_facts(rng: random.Random, count: int) -> list[Fact]:
+RELATIONS = ("has", "lives", "likes")
+
+
+def sample_facts(rng: random.Random, count: int, distinct_relations: bool = False) -> list[Fact]:
+    """`count` facts about different people; with `distinct_relations`, no two share a relation."""
+    relations = rng.sample(RELATIONS, count) if distinct_relations else [rng.choice(RELATIONS) for _ in range(count)]
     facts = []
-    for name in rng.sample(range(len(JA_NAMES)), count):
-        relation = rng.choice(["has", "lives", "likes"])
+    for name, relation in zip(rng.sample(range(len(JA_NAMES)), count), relations):
         if relation == "has":
             value = (rng.randrange(len(COLORS)), rng.randrange(len(OBJECTS)))
         else:
@@ -169,7 +173,7 @@ class Example:
 
 
 def ja_qa_example(rng: random.Random) -> Example:
-    facts = sample_facts(rng, rng.randint(2, 4))
+    facts = sample_facts(rng, rng.randint(2, 3), distinct_relations=True)
     asked = rng.choice(facts)
     context = "".join(f.ja() for f in facts)
     return Example(context + asked.ja_question(), asked.ja_value(), asked.ja())

@@ -1,0 +1,335 @@
+"""Benchmark evomerge's merge engine against mergekit and a streaming I/O floor.
+
+Builds a base and 3 fine-tunes of a Mistral-shaped ~200M-parameter model in bf16 (random weights) in a
+temporary directory, then times, each in a fresh process pinned to 2 torch threads:
+
+* evomerge disk->disk TIES, DARE-TIES and task arithmetic (``merge_to_disk``);
+* mergekit on the same configs (``run_merge``, what ``mergekit-yaml`` calls), when mergekit is installed;
+* a floor: read every tensor of the 4 checkpoints, sum, write -- no merge math at all;
+* the in-memory candidate merge (``InMemoryMerger.merge``) for random per-group recipes.
+
+Times cover the merge call itself (imports and process start excluded, for both tools).  Each evomerge
+process first merges a small warm-up checkpoint set so the one-off ``torch.compile`` of the fused kernels
+(cached on disk by inductor across processes) is reported separately as ``evomerge_warmup_s``.
+Both tools compute in float32 and write bf16 (mergekit: ``dtype: float32``, ``out_dtype: bfloat16``);
+DARE uses L1 rescaling, mergekit's default.  Peak RSS is each process's own maximum resident set.
+
+Run under the shared heavy-job lock:  flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_merge.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+THREADS = 2
+METHODS = ("ties", "dare_ties", "task_arithmetic")
+WEIGHTS = [0.5, 0.3, 0.2]
+DENSITY = 0.5
+SHAPE = {  # Mistral layout at ~200M parameters
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 10,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+}
+WARMUP_SHAPE = {**SHAPE, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def mistral_layout(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    kv = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    layout = [("model.embed_tokens.weight", (shape["vocab_size"], hidden))]
+    for layer in range(shape["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        layout += [
+            (f"{prefix}.input_layernorm.weight", (hidden,)),
+            (f"{prefix}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{prefix}.self_attn.k_proj.weight", (kv, hidden)),
+            (f"{prefix}.self_attn.v_proj.weight", (kv, hidden)),
+            (f"{prefix}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{prefix}.post_attention_layernorm.weight", (hidden,)),
+            (f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
+        ]
+    return layout + [("model.norm.weight", (hidden,)), ("lm_head.weight", (shape["vocab_size"], hidden))]
+
+
+def build_zoo(root: Path, shape: dict, seed: int) -> dict[str, Path]:
+    """A base and 3 fine-tunes (base + small noise), bf16 safetensors in 200 MB shards plus config.json."""
+    from transformers import MistralConfig
+
+    from evomerge.modelio import ShardedSafetensorsWriter
+
+    layout = mistral_layout(shape)
+    config = MistralConfig(**shape, tie_word_embeddings=False, dtype="bfloat16")
+    config.architectures = ["MistralForCausalLM"]
+    paths = {name: root / name for name in ("base", "ft1", "ft2", "ft3")}
+    writers = {}
+    for name, path in paths.items():
+        path.mkdir(parents=True)
+        config.save_pretrained(path)
+        writers[name] = ShardedSafetensorsWriter(
+            path, [(tensor, torch.bfloat16, size) for tensor, size in layout], 200 * 1024**2)
+    generator = torch.Generator().manual_seed(seed)
+    for tensor, size in layout:
+        base = torch.randn(size, generator=generator) * 0.02
+        writers["base"].write(tensor, base.to(torch.bfloat16))
+        for name in ("ft1", "ft2", "ft3"):
+            writers[name].write(tensor, (base + torch.randn(size, generator=generator) * 0.002).to(torch.bfloat16))
+    for writer in writers.values():
+        writer.close()
+    return paths
+
+
+def recipe_for(method: str, zoo: dict[str, Path]):
+    from evomerge.recipe import PSRecipe
+
+    models = [zoo["ft1"], zoo["ft2"], zoo["ft3"]]
+    values = {"weight": WEIGHTS} if method == "task_arithmetic" else {"weight": WEIGHTS, "density": DENSITY}
+    parameters = {"rescale": "l1"} if method == "dare_ties" else {}
+    return PSRecipe.uniform(method, zoo["base"], models, parameters=parameters, **values)
+
+
+def mergekit_config(method: str, zoo: dict[str, Path]) -> dict:
+    models = []
+    for name, weight in zip(("ft1", "ft2", "ft3"), WEIGHTS):
+        parameters = {"weight": weight} if method == "task_arithmetic" else {"weight": weight, "density": DENSITY}
+        models.append({"model": str(zoo[name]), "parameters": parameters})
+    return {"merge_method": method, "base_model": str(zoo["base"]), "models": models,
+            "dtype": "float32", "out_dtype": "bfloat16"}
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_evomerge(method: str, zoo: dict[str, Path], warmup: dict[str, Path], out: Path) -> dict:
+    from evomerge.merge import merge_to_disk
+
+    start = time.perf_counter()
+    merge_to_disk(recipe_for(method, warmup), out.with_name(out.name + "-warmup"))
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    merge_to_disk(recipe_for(method, zoo), out)
+    return {"seconds": time.perf_counter() - start, "warmup_s": warmup_s}
+
+
+def child_mergekit(method: str, zoo: dict[str, Path], out: Path) -> dict:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = MergeConfiguration.model_validate(mergekit_config(method, zoo))
+    start = time.perf_counter()
+    run_merge(config, str(out), MergeOptions(quiet=True))
+    return {"seconds": time.perf_counter() - start}
+
+
+def child_floor(zoo: dict[str, Path], out: Path) -> dict:
+    """Streaming read-sum-write with the same reader and writer: the I/O cost any merge must pay."""
+    from evomerge.modelio import CheckpointReader, ShardedSafetensorsWriter
+
+    start = time.perf_counter()
+    readers = [CheckpointReader(zoo[name]) for name in ("base", "ft1", "ft2", "ft3")]
+    out.mkdir()
+    layout = [(name, entry.dtype, entry.shape) for name, entry in readers[0].entries.items()]
+    writer = ShardedSafetensorsWriter(out, layout)
+    for name in readers[0].names:
+        total = readers[0].read(name).float()
+        for reader in readers[1:]:
+            total += reader.read(name)
+        writer.write(name, total.to(torch.bfloat16))
+    writer.close()
+    return {"seconds": time.perf_counter() - start}
+
+
+def child_memory(zoo: dict[str, Path], candidates: int, disk_ties: Path | None) -> dict:
+    """Prepare an InMemoryMerger once, then time random per-group candidates for each method."""
+    from evomerge.merge import InMemoryMerger
+    from evomerge.merge.groups import group_names
+    from evomerge.modelio import CheckpointReader
+    from evomerge.recipe import PSRecipe
+
+    models = [zoo["ft1"], zoo["ft2"], zoo["ft3"]]
+    start = time.perf_counter()
+    merger = InMemoryMerger(zoo["base"], models)
+    result: dict = {"load_s": time.perf_counter() - start, "methods": {}}
+    if disk_ties is not None:  # the same recipe must give the disk path's tensors bit for bit
+        state = merger.merge(recipe_for("ties", zoo)).state_dict()
+        disk = CheckpointReader(disk_ties)
+        result["ties_equals_disk"] = all(torch.equal(state[name], disk.read(name)) for name in disk.names)
+    rng = random.Random(0)
+    layers = json.loads((zoo["base"] / "config.json").read_text())["num_hidden_layers"]
+    groups = group_names(layers, min(5, layers))
+    for method in METHODS:
+        parameters = {"rescale": "l1"} if method == "dare_ties" else {}
+
+        def candidate():
+            values = []
+            for name in groups:
+                entry = {"name": name, "weight": [rng.uniform(0.1, 1.0) for _ in models]}
+                if method != "task_arithmetic":
+                    entry["density"] = [rng.uniform(0.1, 1.0) for _ in models]
+                values.append(entry)
+            return PSRecipe(method=method, base=str(zoo["base"]), models=tuple(map(str, models)),
+                            groups=tuple(values), parameters=parameters)
+
+        start = time.perf_counter()
+        merger.merge(candidate())  # includes one-off preparation (sorting |deltas|, compiling kernels)
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(candidates):
+            recipe = candidate()
+            start = time.perf_counter()
+            merger.merge(recipe)
+            times.append(time.perf_counter() - start)
+        result["methods"][method] = {"first_s": first, "median_s": statistics.median(times), "runs": times}
+    return result
+
+
+def run_child(arguments: list[str]) -> dict:
+    """Run this script in child mode; return its JSON result plus its own peak RSS (from wait4)."""
+    process = subprocess.Popen([sys.executable, __file__, "--child", *arguments], stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"child {arguments} failed with exit code {process.returncode}")
+    result = json.loads(output.decode().strip().splitlines()[-1])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def child_main(arguments: list[str]) -> None:
+    torch.set_num_threads(THREADS)
+    mode, work = arguments[0], Path(arguments[1])
+    zoo = {name: work / "zoo" / name for name in ("base", "ft1", "ft2", "ft3")}
+    warmup = {name: work / "warmup" / name for name in zoo}
+    if mode == "evomerge":
+        result = child_evomerge(arguments[2], zoo, warmup, work / "out" / f"evomerge-{arguments[2]}")
+    elif mode == "mergekit":
+        result = child_mergekit(arguments[2], zoo, work / "out" / f"mergekit-{arguments[2]}")
+    elif mode == "floor":
+        result = child_floor(zoo, work / "out" / "floor")
+    else:
+        disk_ties = work / "out" / "evomerge-ties"
+        result = child_memory(zoo, int(arguments[2]), disk_ties if disk_ties.exists() else None)
+    print(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def mergekit_available() -> bool:
+    try:
+        import mergekit.merge  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return False
+    return True
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| method | evomerge (s) | mergekit (s) | floor (s) | mergekit / evomerge | evomerge / floor "
+        "| evomerge RSS (MB) | mergekit RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in result["methods"].items():
+        ours, mergekit, mergekit_rss = row["evomerge_s"], row["mergekit_s"], row["mergekit_rss_mb"]
+        mergekit_text = f"{mergekit:.1f}" if mergekit else "n/a"
+        speedup = f"{mergekit / ours:.1f}x" if mergekit else "n/a"
+        mergekit_rss_text = f"{mergekit_rss:.0f}" if mergekit_rss else "n/a"
+        lines.append(
+            f"| {method} | {ours:.1f} | {mergekit_text} | {row['floor_s']:.1f} | {speedup} "
+            f"| {ours / row['floor_s']:.2f}x | {row['evomerge_rss_mb']:.0f} | {mergekit_rss_text} |"
+        )
+    memory = result["in_memory"]
+    lines.append("")
+    lines.append(f"In-memory candidate merge (median of {memory['candidates']}, random per-group recipes; "
+                 f"first candidate includes one-off preparation), peak RSS {memory['peak_rss_mb']:.0f} MB:")
+    lines.append("")
+    lines.append("| method | candidate (s) | first candidate (s) |")
+    lines.append("|---|---|---|")
+    for method, row in memory["methods"].items():
+        lines.append(f"| {method} | {row['median_s']:.2f} | {row['first_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--workdir", type=Path, help="where to build checkpoints (default: a temporary directory)")
+    parser.add_argument("--candidates", type=int, default=5, help="in-memory candidates timed per method")
+    parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if it is installed")
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"],
+                        help="transformer blocks (10 gives ~200M parameters; fewer for a quick smoke run)")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args.child)
+        return
+    log = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    work = Path(tempfile.mkdtemp(prefix="evomerge-bench-", dir=args.workdir))
+    try:
+        start = time.perf_counter()
+        shape = {**SHAPE, "num_hidden_layers": args.layers}
+        build_zoo(work / "zoo", shape, seed=0)
+        build_zoo(work / "warmup", WARMUP_SHAPE, seed=1)
+        (work / "out").mkdir()
+        parameters = sum(torch.Size(size).numel() for _, size in mistral_layout(shape))
+        log(f"built base + 3 fine-tunes, {parameters / 1e6:.0f}M parameters each, in {time.perf_counter() - start:.0f}s")
+        use_mergekit = not args.no_mergekit and mergekit_available()
+        floor = run_child(["floor", str(work)])
+        log(f"floor: {floor['seconds']:.1f}s")
+        result: dict = {"parameters": parameters, "threads": THREADS, "methods": {}}
+        for method in METHODS:
+            ours = run_child(["evomerge", str(work), method])
+            log(f"evomerge {method}: {ours['seconds']:.1f}s (warm-up {ours['warmup_s']:.1f}s)")
+            theirs = run_child(["mergekit", str(work), method]) if use_mergekit else None
+            if theirs:
+                log(f"mergekit {method}: {theirs['seconds']:.1f}s")
+                shutil.rmtree(work / "out" / f"mergekit-{method}")
+            result["methods"][method] = {
+                "evomerge_s": ours["seconds"],
+                "mergekit_s": theirs["seconds"] if theirs else None,
+                "floor_s": floor["seconds"],
+                "evomerge_rss_mb": ours["peak_rss_mb"],
+                "mergekit_rss_mb": theirs["peak_rss_mb"] if theirs else None,
+                "evomerge_warmup_s": ours["warmup_s"],
+                "floor_rss_mb": floor["peak_rss_mb"],
+            }
+        memory = run_child(["memory", str(work), str(args.candidates)])
+        memory["candidates"] = args.candidates
+        result["in_memory"] = memory
+        result["in_memory_merge_s"] = memory["methods"]["ties"]["median_s"]
+        print(json.dumps(result, indent=None if args.json else 2) if args.json else table(result))
+        if not args.json:
+            print(f"\nin-memory TIES candidate equals the disk merge bit for bit: {memory.get('ties_equals_disk')}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
