@@ -58,6 +58,11 @@ def test_batches_are_length_sorted_and_left_padded(tokenizer):
     for batch in encoded.batches:
         assert batch.attention_mask[:, -1].all()  # real tokens end every row: padding is on the left
         assert batch.input_ids.shape[1] == max(lengths[p] for p in batch.positions)
+    longest = max(lengths)
+    budgeted = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_batch_tokens=2 * longest)
+    assert len(budgeted.batches[0].positions) == 2  # the two longest prompts fill the token budget
+    assert all(b.input_ids.numel() <= 2 * longest or len(b.positions) == 1 for b in budgeted.batches)
+    assert sorted(p for b in budgeted.batches for p in b.positions) == list(range(len(PROMPTS)))
     tokenizer.padding_side = "right"
     try:
         with pytest.raises(ValueError, match="left-padding"):
@@ -72,6 +77,8 @@ def test_batched_generation_equals_one_at_a_time_and_is_deterministic(model, tok
     one_at_a_time = [generate_greedy(model, tokenizer, [p], settings, progress=False)[0] for p in PROMPTS]
     assert batched == one_at_a_time
     assert generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(12, batch_size=7), progress=False) == batched
+    budgeted = GenerationSettings(12, batch_size=7, max_batch_tokens=60)
+    assert generate_greedy(model, tokenizer, PROMPTS, budgeted, progress=False) == batched
     assert len(set(batched)) > 1 and all(batched)  # real, differing generations rather than empty strings
 
 

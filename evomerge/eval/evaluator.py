@@ -17,11 +17,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evomerge.eval.generate import EncodedPrompts, GenerationSettings, encode_prompts, generate_encoded
+from evomerge.eval.generate import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    EncodedPrompts,
+    GenerationSettings,
+    encode_prompts,
+    generate_encoded,
+)
 from evomerge.eval.task import AnyTask, CompositeTask, SplitData, Task
-
-DEFAULT_BATCH_SIZE = 32
-
 
 @dataclass
 class EvalResult:
@@ -102,6 +106,7 @@ class Evaluator:
         tokenizer: PreTrainedTokenizerBase,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
         max_new_tokens: int | None = None,
         cache: ResultCache | None = None,
         progress: bool = True,
@@ -112,21 +117,25 @@ class Evaluator:
         self.cache = cache if cache is not None else ResultCache()
         self.progress = progress
         plain_tasks = [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]
-        self.prepared = [self._prepare(plain, batch_size, max_new_tokens) for plain in plain_tasks]
+        self.prepared = [self._prepare(plain, batch_size, max_batch_tokens, max_new_tokens) for plain in plain_tasks]
 
-    def _prepare(self, task: Task, batch_size: int, max_new_tokens: int | None) -> _PreparedTask:
+    def _prepare(
+        self, task: Task, batch_size: int, max_batch_tokens: int | None, max_new_tokens: int | None
+    ) -> _PreparedTask:
         data = task.load_split(self.split)
         prompts = [task.build_prompt(example.question) for example in data.examples]
         settings = GenerationSettings(
             max_new_tokens=max_new_tokens if max_new_tokens is not None else task.max_new_tokens,
             stop_strings=task.stop_strings,
             batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
         )
         contents = json.dumps(
             [task.fingerprint, prompts, [e.answer for e in data.examples], settings.result_defining()], ensure_ascii=False
         )
         fingerprint = hashlib.sha256(contents.encode()).hexdigest()[:16]
-        return _PreparedTask(task, data, prompts, encode_prompts(self.tokenizer, prompts, batch_size), settings, fingerprint)
+        encoded = encode_prompts(self.tokenizer, prompts, batch_size, max_batch_tokens)
+        return _PreparedTask(task, data, prompts, encoded, settings, fingerprint)
 
     def cache_key(self, model_key: str) -> str:
         """model key | task | split | hash of the prompts, golds, scoring config and generation settings."""

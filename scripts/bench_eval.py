@@ -1,0 +1,150 @@
+"""Benchmark the evaluator's generation against HF `generate` on one padded batch and a per-sample loop.
+
+All three decode the same prompts greedily with the same stop strings and max_new_tokens, from prompt
+strings to cut texts (tokenization and decoding included), and must give identical generations.
+Without --model a ~1M-parameter random Mistral (hidden 128, 4 layers, 4 heads, intermediate 384,
+vocab ~500) with a BPE trained on MGSM text is built in a temporary directory. Prompt sets:
+`mgsm` = the MGSM-JA zero-shot prompts (uneven lengths), `toy` = short toy-zoo style prompts.
+
+    flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_eval.py --prompts mgsm --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from evomerge.eval.generate import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_TOKENS,
+    GenerationSettings,
+    cut_at_stop,
+    generate_greedy,
+    greedy_config,
+)
+from evomerge.eval.task import load_task
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.zoo.tokenizer import train_tokenizer
+
+MGSM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
+
+
+def build_toy_model(directory: Path) -> Path:
+    """A random ~1M-parameter Mistral with a 500-token BPE trained on MGSM (ja + en) text and toy prompts."""
+    texts = [line.split("\t")[0] for name in ("mgsm_ja.tsv", "mgsm_en.tsv") for line in (MGSM_DIR / name).open()]
+    tokenizer = train_tokenizer(texts + toy_prompts(50), vocab_size=500)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def toy_prompts(count: int) -> list[str]:
+    return [f"Question: Tom has {3 + i} apples. He gets {i % 7 + 2} more. How many apples does he have?\nAnswer:" for i in range(count)]
+
+
+def mgsm_prompts(count: int) -> list[str]:
+    task = load_task("mgsm_ja", {"mgsm_dir": str(MGSM_DIR)})
+    examples = task.load_split("test").examples
+    return [task.build_prompt(examples[i % len(examples)].question) for i in range(count)]
+
+
+def hf_generate(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
+    """Plain HF: one tokenizer call, one `generate` (HF's own stop_strings), decode, cut at the stop string."""
+    inputs = tokenizer(prompts, padding=True, return_tensors="pt")
+    config = greedy_config(model, tokenizer, settings.max_new_tokens)
+    config.stop_strings = list(settings.stop_strings) or None
+    with torch.inference_mode():
+        output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [cut_at_stop(text, settings.stop_strings) for text in texts]
+
+
+def timed(function: Callable[[], list[str]], repeats: int) -> tuple[float, list[str]]:
+    """Best wall time of `repeats` runs (the machine is shared, so the minimum is the least disturbed)."""
+    best, result = float("inf"), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="an HF model directory (default: build the random toy Mistral)")
+    parser.add_argument("--prompts", choices=["mgsm", "toy"], default="mgsm")
+    parser.add_argument("--n", type=int, default=200, help="number of prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable; default: a newline)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="the evaluator's most rows per batch")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help="the evaluator's prompt-token budget per batch"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest counts")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON summary")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model or build_toy_model(Path(scratch) / "toy")
+        model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+        prompts = mgsm_prompts(args.n) if args.prompts == "mgsm" else toy_prompts(args.n)
+        settings = GenerationSettings(
+            args.max_new_tokens, tuple(args.stop or ["\n"]), args.batch_size, args.max_batch_tokens
+        )
+        hf_generate(model, tokenizer, prompts[:4], settings)  # warm-up: first calls pay one-off costs
+
+        evaluator_s, evaluator_texts = timed(lambda: generate_greedy(model, tokenizer, prompts, settings, False), args.repeats)
+        hf_batched_s, hf_texts = timed(lambda: hf_generate(model, tokenizer, prompts, settings), args.repeats)
+        loop_s, loop_texts = timed(lambda: [hf_generate(model, tokenizer, [p], settings)[0] for p in prompts], args.repeats)
+
+    # Tokens of the returned (stop-cut) generations, re-encoded: what the evaluator delivers per second.
+    generated_tokens = sum(len(ids) for ids in tokenizer(evaluator_texts, add_special_tokens=False)["input_ids"])
+    summary = {
+        "evaluator_s": round(evaluator_s, 3),
+        "hf_batched_s": round(hf_batched_s, 3),
+        "loop_s": round(loop_s, 3),
+        "identical": evaluator_texts == hf_texts == loop_texts,
+        "tokens_per_s": round(generated_tokens / evaluator_s, 1),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    print(
+        f"model: {model_dir if args.model else 'random toy Mistral'} ({sum(p.numel() for p in model.parameters()):,} params), "
+        f"{len(prompts)} {args.prompts} prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens, "
+        f"max_new_tokens={settings.max_new_tokens}, stop={list(settings.stop_strings)}, "
+        f"evaluator batches: at most {settings.batch_size} rows and {settings.max_batch_tokens} prompt tokens, "
+        f"torch threads={torch.get_num_threads()}"
+    )
+    print(f"evaluator           {evaluator_s:8.2f} s   {generated_tokens / evaluator_s:8.1f} generated tokens/s")
+    print(f"HF one padded batch {hf_batched_s:8.2f} s   evaluator speed-up {hf_batched_s / evaluator_s:5.2f}x")
+    print(f"per-sample loop     {loop_s:8.2f} s   evaluator speed-up {loop_s / evaluator_s:5.2f}x")
+    print(f"identical generations: {summary['identical']}")
+
+
+if __name__ == "__main__":
+    main()
