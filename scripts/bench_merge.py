@@ -46,7 +46,7 @@ SHAPE = {  # Mistral layout at ~200M parameters
     "num_attention_heads": 16,
     "num_key_value_heads": 4,
 }
-WARMUP_SHAPE = {**SHAPE, "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+WARMUP_SHAPE = {**SHAPE, "vocab_size": 9000, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2}
 
 

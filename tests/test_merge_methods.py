@@ -65,15 +65,19 @@ def test_ties_accepts_precomputed_thresholds():
     )
 
 
-def test_magnitude_threshold_matches_sorting_on_a_large_tensor():
+def test_trim_threshold_matches_sorting_on_a_large_tensor(monkeypatch):
+    monkeypatch.setattr(methods, "_compile_enabled", False)  # compiled kernels: test_compiled_kernels_match_eager
     generator = torch.Generator().manual_seed(0)
-    delta = torch.randn(1_500_000, generator=generator)  # large enough for the sampled selection
+    base = torch.randn(1_500_000, generator=generator).to(torch.bfloat16)  # large enough for sampled selection
+    tensor = (base.float() + 0.01 * torch.randn(1_500_000, generator=generator)).to(torch.bfloat16)
+    delta = tensor.float() - base.float()
     ascending = delta.abs().sort().values
+    presorted = methods.sorted_magnitudes(delta)
     for density in (0.013, 0.3, 0.5, 0.97, 1.0):
         keep = max(1, int(density * delta.numel()))
         expected = float(ascending[-keep])
-        assert methods.magnitude_threshold(delta, density) == expected
-        assert methods.threshold_from_sorted(methods.sorted_magnitudes(delta), density) == expected
+        assert methods.trim_threshold(base, tensor, density) == expected
+        assert methods.threshold_from_sorted(presorted, density) == expected
     assert methods.keep_count(10, 0.01) == 1
 
 
@@ -197,3 +201,29 @@ def test_results_come_back_in_the_checkpoint_dtype():
     merged = methods.task_arithmetic(base, [base + 1], [0.5])
     assert merged.dtype == torch.bfloat16
     assert torch.equal(merged, T([1.5, 2.5]).to(torch.bfloat16))
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager(monkeypatch):
+    """Big tensors run through torch.compile; the fused kernels must give the eager results exactly."""
+    size = 4 * methods.COMPILE_MIN_NUMEL + 7
+    generator = torch.Generator().manual_seed(3)
+    base = (torch.randn(size, generator=generator) * 0.02).to(torch.bfloat16)
+    tensors = [(base.float() + torch.randn(size, generator=generator) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    fishers = [torch.rand(size, generator=generator) for _ in range(3)]
+    keys = [methods.dare_key(0, "w", index) for index in range(3)]
+    weights, densities = [0.5, 0.3, 0.2], [0.3, 0.5, 0.7]
+    cases = {
+        "linear": lambda: methods.linear(tensors, weights),
+        "task_arithmetic": lambda: methods.task_arithmetic(base, tensors, weights, scale=0.7, normalize=True),
+        "ties": lambda: methods.ties(base, tensors, weights, densities),
+        "dare_ties": lambda: methods.dare_ties(base, tensors, weights, densities, keys, rescale="l1"),
+        "dare_linear": lambda: methods.dare_linear(base, tensors, weights, densities, keys),
+        "slerp": lambda: methods.slerp(0.3, tensors[0], tensors[1]),
+        "fisher": lambda: methods.fisher(tensors, fishers, weights),
+        "trim_threshold": lambda: torch.tensor(methods.trim_threshold(base, tensors[0], 0.3)),
+    }
+    compiled = {name: run() for name, run in cases.items()}
+    monkeypatch.setattr(methods, "_compile_enabled", False)
+    for name, run in cases.items():
+        assert torch.equal(compiled[name], run()), name

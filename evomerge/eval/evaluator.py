@@ -117,6 +117,7 @@ class Evaluator:
         self.cache = cache if cache is not None else ResultCache()
         self.progress = progress
         plain_tasks = [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]
+        plain_tasks = list({plain.name: plain for plain in plain_tasks}.values())  # a task scored twice runs once
         self.prepared = [self._prepare(plain, batch_size, max_batch_tokens, max_new_tokens) for plain in plain_tasks]
 
     def _prepare(

@@ -54,10 +54,6 @@ class EncodedPrompts:
     batches: tuple[PromptBatch, ...]
     count: int
 
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(int(batch.attention_mask.sum()) for batch in self.batches)
-
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int, max_batch_tokens: int | None = None

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -254,50 +255,42 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-def kth_largest(values: Tensor, k: int) -> float:
-    """Exact k-th largest entry of a flat float tensor.
-
-    ``torch.kthvalue`` costs ~15 ns per entry; for big tensors a sorted random sample brackets the answer,
-    two comparisons count and cut out the bracket, and ``kthvalue`` runs on ~2% of the entries.
-    """
-    numel = values.numel()
-    rank = numel - k + 1  # 1-based position in ascending order
-    sample_size = 1 << 16
-    if numel > 16 * sample_size:
-        generator = torch.Generator().manual_seed(numel)
-        sample = values[torch.randint(numel, (sample_size,), generator=generator)].sort().values
-        fraction = rank / numel
-        low = sample[max(0, math.floor((fraction - 0.01) * sample_size))]
-        high = sample[min(sample_size - 1, math.ceil((fraction + 0.01) * sample_size))]
-        below = int((values < low).sum())
-        window = values[(values >= low) & (values <= high)]
-        if 1 <= rank - below <= window.numel():
-            return float(torch.kthvalue(window, rank - below).values)
-    return float(torch.kthvalue(values, rank).values)
-
-
-def magnitude_threshold(delta: Tensor, density: float) -> float:
-    """Smallest |delta| a top-``density`` trim keeps: the trim is then one comparison, |delta| >= threshold."""
-    magnitudes = _flat(delta).float().abs()
-    if magnitudes.numel() == 0:
-        return 0.0
-    return kth_largest(magnitudes, keep_count(magnitudes.numel(), density))
-
-
-_workspace: dict[str, Tensor] = {}
+_scratch_buffers: dict[str, Tensor] = {}
 
 
 def _scratch(numel: int) -> Tensor:
-    """A reused float32 buffer: fresh multi-MB allocations cost page faults on every tensor of every model."""
-    buffer = _workspace.get("float32")
+    """A reused float32 buffer: a fresh multi-MB allocation per tensor and model costs page faults each time."""
+    buffer = _scratch_buffers.get("magnitudes")
     if buffer is None or buffer.numel() < numel:
-        buffer = _workspace["float32"] = torch.empty(numel, dtype=torch.float32)
+        buffer = _scratch_buffers["magnitudes"] = torch.empty(numel, dtype=torch.float32)
     return buffer[:numel]
 
 
-def _trim_threshold(base: Tensor, tensor: Tensor, density: float) -> float:
-    magnitudes = _run_kernel(_abs_delta_kernel, base.numel(), _scratch(base.numel()), _flat(base), _flat(tensor))
-    return kth_largest(magnitudes, keep_count(magnitudes.numel(), density)) if magnitudes.numel() else 0.0
+def trim_threshold(base: Tensor, tensor: Tensor, density: float) -> float:
+    """Smallest |tensor - base| a top-``density`` trim keeps (the exact k-th largest magnitude), so the trim
+    is one comparison, |delta| >= threshold.
+
+    For big tensors a sorted random sample brackets the answer; numpy counts the entries below the bracket
+    and cuts out the ~2% inside it, where ``np.partition`` finds the exact value (~10x faster than
+    ``torch.kthvalue`` on the whole tensor).
+    """
+    numel = base.numel()
+    if numel == 0:
+        return 0.0
+    magnitudes = _run_kernel(_abs_delta_kernel, numel, _scratch(numel), _flat(base), _flat(tensor)).numpy()
+    rank = numel - keep_count(numel, density)  # 0-based position in ascending order
+    sample_size = 1 << 16
+    if numel > 4 * sample_size:
+        generator = torch.Generator().manual_seed(numel)
+        sample = np.sort(magnitudes[torch.randint(numel, (sample_size,), generator=generator).numpy()])
+        fraction = rank / numel
+        low = sample[max(0, math.floor((fraction - 0.01) * sample_size))]
+        high = sample[min(sample_size - 1, math.ceil((fraction + 0.01) * sample_size))]
+        below = int(np.count_nonzero(magnitudes < low))
+        window = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
+        if 0 <= rank - below < window.size:
+            return float(np.partition(window, rank - below)[rank - below])
+    return float(np.partition(magnitudes, rank)[rank])
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -313,7 +306,7 @@ def sorted_magnitudes(delta: Tensor) -> Tensor:
 
 
 def threshold_from_sorted(sorted_values: Tensor, density: float) -> float:
-    """Same value as `magnitude_threshold` on the unsorted tensor, by indexing."""
+    """Same value as `trim_threshold` on the unsorted task vector, by indexing."""
     numel = sorted_values.numel()
     if numel == 0:
         return 0.0
@@ -337,7 +330,7 @@ def ties(
     ``thresholds`` (from `threshold_from_sorted`) skips the trim's selection step; the result is the same.
     """
     if thresholds is None:
-        thresholds = [_trim_threshold(base, tensor, density) for tensor, density in zip(tensors, densities)]
+        thresholds = [trim_threshold(base, tensor, density) for tensor, density in zip(tensors, densities)]
     out = _output(out, base)
     _run_kernel(
         _ties_kernel,
