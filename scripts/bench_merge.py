@@ -12,7 +12,7 @@ Times cover the merge call itself (imports and process start excluded, for both 
 process first merges a small warm-up checkpoint set so the one-off ``torch.compile`` of the fused kernels
 (cached on disk by inductor across processes) is reported separately as ``evomerge_warmup_s``.
 Both tools compute in float32 and write bf16 (mergekit: ``dtype: float32``, ``out_dtype: bfloat16``);
-DARE uses L1 rescaling, mergekit's default.  Peak RSS is each process's own maximum resident set.
+DARE uses L1 rescaling, mergekit's default.  Peak RSS is each process's own high-water mark (VmHWM).
 
 Run under the shared heavy-job lock:  flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_merge.py
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
 import shutil
@@ -122,6 +121,10 @@ def mergekit_config(method: str, zoo: dict[str, Path]) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS since exec (VmHWM; ru_maxrss would include the parent's peak before fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -142,7 +145,7 @@ def child_mergekit(method: str, zoo: dict[str, Path], out: Path) -> dict:
 
     config = MergeConfiguration.model_validate(mergekit_config(method, zoo))
     start = time.perf_counter()
-    run_merge(config, str(out), MergeOptions(quiet=True))
+    run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False))  # the zoo has no tokenizer
     return {"seconds": time.perf_counter() - start}
 
 
@@ -209,22 +212,19 @@ def child_memory(zoo: dict[str, Path], candidates: int, disk_ties: Path | None) 
 
 
 def run_child(arguments: list[str]) -> dict:
-    """Run this script in child mode; return its JSON result plus its own peak RSS (from wait4)."""
-    process = subprocess.Popen([sys.executable, __file__, "--child", *arguments], stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"child {arguments} failed with exit code {process.returncode}")
-    result = json.loads(output.decode().strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+    """Run this script in child mode in a fresh process; return its JSON result (with its peak RSS)."""
+    completed = subprocess.run([sys.executable, __file__, "--child", *arguments], stdout=subprocess.PIPE, check=True)
+    return json.loads(completed.stdout.decode().strip().splitlines()[-1])
 
 
 def child_main(arguments: list[str]) -> None:
     torch.set_num_threads(THREADS)
     mode, work = arguments[0], Path(arguments[1])
+    if mode == "build":
+        build_zoo(work / "zoo", {**SHAPE, "num_hidden_layers": int(arguments[2])}, seed=0)
+        build_zoo(work / "warmup", WARMUP_SHAPE, seed=1)
+        print(json.dumps({}))
+        return
     zoo = {name: work / "zoo" / name for name in ("base", "ft1", "ft2", "ft3")}
     warmup = {name: work / "warmup" / name for name in zoo}
     if mode == "evomerge":
@@ -236,6 +236,7 @@ def child_main(arguments: list[str]) -> None:
     else:
         disk_ties = work / "out" / "evomerge-ties"
         result = child_memory(zoo, int(arguments[2]), disk_ties if disk_ties.exists() else None)
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -295,8 +296,7 @@ def main() -> None:
     try:
         start = time.perf_counter()
         shape = {**SHAPE, "num_hidden_layers": args.layers}
-        build_zoo(work / "zoo", shape, seed=0)
-        build_zoo(work / "warmup", WARMUP_SHAPE, seed=1)
+        run_child(["build", str(work), str(args.layers)])  # in a child, so this process stays small
         (work / "out").mkdir()
         parameters = sum(torch.Size(size).numel() for _, size in mistral_layout(shape))
         log(f"built base + 3 fine-tunes, {parameters / 1e6:.0f}M parameters each, in {time.perf_counter() - start:.0f}s")

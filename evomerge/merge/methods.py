@@ -53,7 +53,11 @@ def _flat(tensor: Tensor) -> Tensor:
 
 
 def _output(out: Tensor | None, like: Tensor) -> Tensor:
-    return torch.empty_like(like) if out is None else out
+    if out is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    if not out.is_contiguous():
+        raise ValueError("merge output must be contiguous: kernels write through a flat view of it")
+    return out
 
 
 def _as_vector(values: Sequence[float]) -> Tensor:
@@ -64,7 +68,8 @@ def _as_scalar(value: float) -> Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
-# --------------------------------------------------------------------------- kernels (element-wise only)
+# --------------------------------------------------------------------------- kernels
+# Each kernel reads its inputs once and writes ``out`` once; torch.compile fuses everything in between.
 
 
 def _weighted_sum_kernel(out: Tensor, tensors: list[Tensor], weights: Tensor, divisor: Tensor) -> Tensor:
