@@ -23,7 +23,7 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from evomerge.eval.generate import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_PADDING,
     GenerationSettings,
     cut_at_stop,
     generate_greedy,
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--stop", action="append", help="stop string (repeatable; default: a newline)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="the evaluator's most rows per batch")
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help="the evaluator's prompt-token budget per batch"
+        "--max-padding", type=float, default=DEFAULT_MAX_PADDING, help="the evaluator's most padding share per batch"
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest counts")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -112,7 +112,7 @@ def main() -> None:
         model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         prompts = mgsm_prompts(args.n) if args.prompts == "mgsm" else toy_prompts(args.n)
         settings = GenerationSettings(
-            args.max_new_tokens, tuple(args.stop or ["\n"]), args.batch_size, args.max_batch_tokens
+            args.max_new_tokens, tuple(args.stop or ["\n"]), args.batch_size, args.max_padding
         )
         hf_generate(model, tokenizer, prompts[:4], settings)  # warm-up: first calls pay one-off costs
 
@@ -137,7 +137,7 @@ def main() -> None:
         f"model: {model_dir if args.model else 'random toy Mistral'} ({sum(p.numel() for p in model.parameters()):,} params), "
         f"{len(prompts)} {args.prompts} prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens, "
         f"max_new_tokens={settings.max_new_tokens}, stop={list(settings.stop_strings)}, "
-        f"evaluator batches: at most {settings.batch_size} rows and {settings.max_batch_tokens} prompt tokens, "
+        f"evaluator batches: at most {settings.batch_size} rows and {settings.max_padding:.0%} padding, "
         f"torch threads={torch.get_num_threads()}"
     )
     print(f"evaluator           {evaluator_s:8.2f} s   {generated_tokens / evaluator_s:8.1f} generated tokens/s")

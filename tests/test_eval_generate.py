@@ -49,7 +49,7 @@ class RecordingModel:
 
 
 def test_batches_are_length_sorted_and_left_padded(tokenizer):
-    encoded = encode_prompts(tokenizer, PROMPTS, batch_size=3)
+    encoded = encode_prompts(tokenizer, PROMPTS, batch_size=3, max_padding=0.99)
     lengths = [len(ids) for ids in tokenizer(PROMPTS)["input_ids"]]
     assert [len(b.positions) for b in encoded.batches] == [3, 3, 1] and encoded.count == len(PROMPTS)
     flat_order = [position for batch in encoded.batches for position in batch.positions]
@@ -59,10 +59,14 @@ def test_batches_are_length_sorted_and_left_padded(tokenizer):
         assert batch.attention_mask[:, -1].all()  # real tokens end every row: padding is on the left
         assert batch.input_ids.shape[1] == max(lengths[p] for p in batch.positions)
     longest = max(lengths)
-    budgeted = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_batch_tokens=2 * longest)
+    budgeted = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.99, max_batch_tokens=2 * longest)
     assert len(budgeted.batches[0].positions) == 2  # the two longest prompts fill the token budget
     assert all(b.input_ids.numel() <= 2 * longest or len(b.positions) == 1 for b in budgeted.batches)
     assert sorted(p for b in budgeted.batches for p in b.positions) == list(range(len(PROMPTS)))
+    for max_padding in (0.0, 0.3):
+        for batch in encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=max_padding).batches:
+            assert 1 - batch.attention_mask.float().mean() <= max_padding
+    assert len(encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.99).batches) == 1
     tokenizer.padding_side = "right"
     try:
         with pytest.raises(ValueError, match="left-padding"):
@@ -72,12 +76,12 @@ def test_batches_are_length_sorted_and_left_padded(tokenizer):
 
 
 def test_batched_generation_equals_one_at_a_time_and_is_deterministic(model, tokenizer):
-    settings = GenerationSettings(max_new_tokens=12, batch_size=3)
+    settings = GenerationSettings(max_new_tokens=12, batch_size=3, max_padding=0.99)
     batched = generate_greedy(model, tokenizer, PROMPTS, settings, progress=False)
     one_at_a_time = [generate_greedy(model, tokenizer, [p], settings, progress=False)[0] for p in PROMPTS]
     assert batched == one_at_a_time
-    assert generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(12, batch_size=7), progress=False) == batched
-    budgeted = GenerationSettings(12, batch_size=7, max_batch_tokens=60)
+    assert generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(12, batch_size=7, max_padding=0.99), progress=False) == batched
+    budgeted = GenerationSettings(12, batch_size=7, max_padding=0.1, max_batch_tokens=60)
     assert generate_greedy(model, tokenizer, PROMPTS, budgeted, progress=False) == batched
     assert len(set(batched)) > 1 and all(batched)  # real, differing generations rather than empty strings
 
@@ -103,7 +107,7 @@ def test_stop_strings_cut_the_text_and_end_the_batch_early(model, tokenizer):
     # Rows whose stop string comes within 20 characters (so within 20 tokens) end the batch before 24 tokens.
     hitting = [prompt for prompt, text in zip(PROMPTS, unstopped) if 0 <= text.find(stop) < 20]
     recording = RecordingModel(model)
-    generate_greedy(recording, tokenizer, hitting, GenerationSettings(24, (stop,), batch_size=len(hitting)), progress=False)
+    generate_greedy(recording, tokenizer, hitting, GenerationSettings(24, (stop,), batch_size=len(hitting), max_padding=0.99), progress=False)
     assert len(recording.new_token_counts) == 1 and recording.new_token_counts[0] <= 21
 
 

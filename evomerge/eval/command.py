@@ -2,7 +2,7 @@
 
 The JSON report holds the metrics and every sample (prompt, generation, extracted answer, gold, Japanese
 probability). Keys read from the config: model, task (the `task` group entry or a bare name), split,
-out, batch_size / max_batch_tokens / max_new_tokens (also accepted inside the task entry), dtype,
+out, batch_size / max_padding / max_batch_tokens / max_new_tokens (also inside the task entry), dtype,
 device, cache (a JSON result-cache file), progress, and task variables: zoo_dir (else derived from
 `zoo` + `home`), mgsm_dir.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
-from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_TOKENS
+from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PADDING
 from evomerge.eval.task import load_task
 from evomerge.modelio import load_model, load_tokenizer
 
@@ -42,7 +42,8 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         split,
         tokenizer,
         batch_size=_option("batch_size", cfg, task_options) or DEFAULT_BATCH_SIZE,
-        max_batch_tokens=_option("max_batch_tokens", cfg, task_options) or DEFAULT_MAX_BATCH_TOKENS,
+        max_padding=_option("max_padding", cfg, task_options) or DEFAULT_MAX_PADDING,
+        max_batch_tokens=_option("max_batch_tokens", cfg, task_options),
         max_new_tokens=_option("max_new_tokens", cfg, task_options),
         cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
         progress=bool(cfg.get("progress", True)),

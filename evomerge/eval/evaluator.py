@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from evomerge.eval.generate import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_PADDING,
     EncodedPrompts,
     GenerationSettings,
     encode_prompts,
@@ -106,11 +106,13 @@ class Evaluator:
         tokenizer: PreTrainedTokenizerBase,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
-        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+        max_padding: float = DEFAULT_MAX_PADDING,
+        max_batch_tokens: int | None = None,
         max_new_tokens: int | None = None,
         cache: ResultCache | None = None,
         progress: bool = True,
     ) -> None:
+        """Batching options are those of `GenerationSettings`; max_new_tokens overrides the task's own."""
         self.task = task
         self.split = split
         self.tokenizer = tokenizer
@@ -118,24 +120,30 @@ class Evaluator:
         self.progress = progress
         plain_tasks = [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]
         plain_tasks = list({plain.name: plain for plain in plain_tasks}.values())  # a task scored twice runs once
-        self.prepared = [self._prepare(plain, batch_size, max_batch_tokens, max_new_tokens) for plain in plain_tasks]
+        self.prepared = [
+            self._prepare(
+                plain,
+                GenerationSettings(
+                    max_new_tokens=max_new_tokens if max_new_tokens is not None else plain.max_new_tokens,
+                    stop_strings=plain.stop_strings,
+                    batch_size=batch_size,
+                    max_padding=max_padding,
+                    max_batch_tokens=max_batch_tokens,
+                ),
+            )
+            for plain in plain_tasks
+        ]
 
-    def _prepare(
-        self, task: Task, batch_size: int, max_batch_tokens: int | None, max_new_tokens: int | None
-    ) -> _PreparedTask:
+    def _prepare(self, task: Task, settings: GenerationSettings) -> _PreparedTask:
         data = task.load_split(self.split)
         prompts = [task.build_prompt(example.question) for example in data.examples]
-        settings = GenerationSettings(
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else task.max_new_tokens,
-            stop_strings=task.stop_strings,
-            batch_size=batch_size,
-            max_batch_tokens=max_batch_tokens,
-        )
         contents = json.dumps(
             [task.fingerprint, prompts, [e.answer for e in data.examples], settings.result_defining()], ensure_ascii=False
         )
         fingerprint = hashlib.sha256(contents.encode()).hexdigest()[:16]
-        encoded = encode_prompts(self.tokenizer, prompts, batch_size, max_batch_tokens)
+        encoded = encode_prompts(
+            self.tokenizer, prompts, settings.batch_size, settings.max_padding, settings.max_batch_tokens
+        )
         return _PreparedTask(task, data, prompts, encoded, settings, fingerprint)
 
     def cache_key(self, model_key: str) -> str:
