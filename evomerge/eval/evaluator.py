@@ -147,8 +147,9 @@ class Evaluator:
         return _PreparedTask(task, data, prompts, encoded, settings, fingerprint)
 
     def cache_key(self, model_key: str) -> str:
-        """model key | task | split | hash of the prompts, golds, scoring config and generation settings."""
-        settings_hash = hashlib.sha256("|".join(p.fingerprint for p in self.prepared).encode()).hexdigest()[:16]
+        """model key | task | split | hash of the task config, prompts, golds and generation settings."""
+        fingerprints = [self.task.fingerprint, *(p.fingerprint for p in self.prepared)]
+        settings_hash = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:16]
         return f"{model_key}|{self.task.name}|{self.split}|{settings_hash}"
 
     def evaluate(self, model: torch.nn.Module, model_key: str | None = None) -> EvalResult:
