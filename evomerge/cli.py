@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": ("evomerge.eval.command:eval_command", "score a model directory or recipe on a task split"),
     "search": ("evomerge.search.command:search_command", "search merge recipes (CMA-ES), then report on the test split"),
     "merge": ("evomerge.merge.command:merge_command", "merge models from a recipe file into a model directory"),
+    "export": ("evomerge.export:export_command", "write a run's or recipe's recipe, mergekit config and merged model"),
 }
 
 

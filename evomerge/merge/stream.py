@@ -179,7 +179,7 @@ def merge_to_disk(
         _copy_side_files(Path(inputs.paths[0]), staging)
         (staging / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
         (staging / "README.md").write_text(model_card(recipe))
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -195,7 +195,8 @@ def _copy_side_files(source: Path, destination: Path) -> None:
             shutil.copy2(item, destination / item.name)
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def move_into_place(staging: Path, out: Path) -> None:
+    """Rename a finished ``staging`` directory to ``out``, replacing an existing ``out`` only once staging is complete."""
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
         os.replace(out, retired / out.name)
@@ -205,11 +206,17 @@ def _move_into_place(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def model_card(recipe: PSRecipe) -> str:
+def model_card(recipe: PSRecipe, scores: Mapping[str, object] | None = None, scores_caption: str = "") -> str:
+    """README for a merged model: method, sources and the full recipe; ``scores`` (metric -> value, e.g. the
+    search's test metrics) adds a table under ``scores_caption`` saying where they come from."""
     sources = "\n".join(f"- `{model}`" for model in recipe.models)
     base = f"`{recipe.base}`" if recipe.base else "none"
-    return (
+    card = (
         f"---\ntags: [merge, evomerge]\n---\n\n# evomerge merge {recipe.hash}\n\n"
         f"Merged with **{recipe.method}** by evomerge. Base: {base}.\n\nModels:\n{sources}\n\n"
-        f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
     )
+    if scores:
+        rows = "".join(f"| {metric} | {value:.4f} |\n" if isinstance(value, float) else f"| {metric} | {value} |\n"
+                       for metric, value in scores.items())
+        card += f"## Scores\n\n{scores_caption}\n\n| metric | value |\n|---|---|\n{rows}\n"
+    return card + f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"

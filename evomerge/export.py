@@ -1,0 +1,303 @@
+"""`evomerge export`: a recipe as evomerge YAML, as a mergekit config and as a merged Hugging Face model.
+
+The mergekit config lets anyone rebuild the model with ``mergekit-yaml``, without evomerge.  Per-group
+values become mergekit conditional parameter lists: mergekit applies the first entry whose ``filter`` is a
+substring of the tensor name, so the filters are derived from the checkpoint's own tensor names (a block's
+name prefix such as ``model.layers.1.``, an embedding's full name) and checked to select exactly their
+group's tensors; the head group, evomerge's catch-all, is the entry without a filter.  Where mergekit
+cannot do what evomerge did (DARE's random masks, row-wise slerp, no Fisher/RegMean), the config is the
+closest one and carries ``# note:`` lines -- and `export` warns -- saying what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from evomerge.merge import MergeError
+from evomerge.merge.groups import assign_groups, tensor_place
+from evomerge.merge.stream import merge_to_disk, model_card, move_into_place
+from evomerge.modelio import CheckpointReader
+from evomerge.recipe import PSRecipe
+
+RUN_RECIPE = "best_recipe.yaml"
+RUN_REPORT = "report.json"
+_NO_MERGEKIT_TWIN = ("fisher", "regmean")  # exported as the weighted average evomerge falls back to
+
+
+class ExportError(MergeError):
+    """An export source or destination is unusable (no run directory, no recipe, output exists, ...)."""
+
+
+class ExportWarning(UserWarning):
+    """The export is incomplete or inexact: the mergekit config differs from evomerge's merge, or no scores."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What the mergekit mapping needs from the reference checkpoint: tensor names and floating dtypes."""
+
+    names: tuple[str, ...]
+    float_dtypes: tuple[str, ...]  # distinct, sorted: one entry for an ordinary checkpoint
+
+    @classmethod
+    def read(cls, path: str | Path) -> CheckpointLayout:
+        try:
+            reader = CheckpointReader(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise ExportError(f"model {path}: {error}") from error
+        try:
+            dtypes = {str(entry.dtype).removeprefix("torch.") for entry in reader.entries.values()
+                      if entry.dtype.is_floating_point}
+            return cls(tuple(reader.names), tuple(sorted(dtypes)))
+        finally:
+            reader.close()
+
+
+def reference_model(recipe: PSRecipe) -> str:
+    """The checkpoint whose tensor names, dtypes, config and tokenizer the merged model takes (as in `merge_to_disk`)."""
+    return recipe.base if recipe.base is not None else recipe.models[0]
+
+
+def group_filters(group_names: Sequence[str], tensor_names: Sequence[str]) -> tuple[list[list[str]], int | None]:
+    """Per recipe group, the mergekit filters selecting its tensors, and the index of the fallback group.
+
+    Each filter is checked to be a substring of its own group's tensor names only, so the filters work in any
+    order and any subset of them may be left to the fallback.  The fallback (no filter) is the group holding
+    the head tensors -- in evomerge the head is whatever is neither an embedding nor in a block.
+    """
+    assignment = assign_groups(tensor_names, group_names)
+    filters: list[list[str]] = [[] for _ in group_names]
+    fallback = None
+    for name in tensor_names:
+        place, index = tensor_place(name), assignment[name]
+        if place.kind == "head":
+            fallback = index
+            continue
+        if place.kind == "block":  # the name up to its block index, e.g. "model.layers.1." (not "...layers.11.")
+            marker = f".{place.block}."
+            pattern = name[: name.index(marker) + len(marker)]
+        else:
+            pattern = name
+        if pattern not in filters[index]:
+            filters[index].append(pattern)
+    for index, patterns in enumerate(filters):
+        for pattern in patterns:
+            strays = [name for name in tensor_names if pattern in name and assignment[name] != index]
+            if strays:
+                raise ExportError(
+                    f"no exact mergekit filter for layer group {group_names[index]!r}: {pattern!r} also selects "
+                    f"{strays[0]!r}"
+                )
+    return filters, fallback
+
+
+def _setting(values: Sequence[float], filters: Sequence[Sequence[str]], fallback: int | None) -> float | list[dict]:
+    """A mergekit parameter setting for one value per group: a scalar when all agree, else a conditional list
+    naming only the groups whose value differs from the fallback's."""
+    if len(set(values)) == 1:
+        return values[0]
+    default = None if fallback is None else values[fallback]
+    conditions: list[dict[str, Any]] = [
+        {"filter": pattern, "value": value}
+        for patterns, value in zip(filters, values)
+        if value != default
+        for pattern in patterns
+    ]
+    if default is not None:
+        conditions.append({"value": default})
+    return conditions
+
+
+def mergekit_config(recipe: PSRecipe, layout: CheckpointLayout | None = None) -> dict[str, Any]:
+    """The mergekit config closest to ``recipe`` (exactly equivalent unless `mergekit_notes` lists a difference).
+
+    ``layout`` describes the reference checkpoint; without it the checkpoint is read.  mergekit computes in
+    float32, as evomerge does, and writes the checkpoint's dtype.
+    """
+    layout = layout or CheckpointLayout.read(reference_model(recipe))
+    filters, fallback = group_filters(recipe.group_names, layout.names)
+    options = recipe.parameters
+    method = "linear" if recipe.method in _NO_MERGEKIT_TWIN else recipe.method
+    config: dict[str, Any] = {"merge_method": method}
+    if recipe.method == "slerp":
+        config["base_model"] = recipe.models[0]  # mergekit's t=0 end, evomerge's first model
+    elif recipe.base is not None:
+        config["base_model"] = recipe.base
+    config["dtype"] = "float32"
+    if len(layout.float_dtypes) == 1:
+        config["out_dtype"] = layout.float_dtypes[0]
+
+    if method == "linear":
+        parameters: dict[str, Any] = {"normalize": bool(options.get("normalize", True))}
+    elif method == "slerp":
+        parameters = {"t": _setting([float(group["t"]) for group in recipe.groups], filters, fallback)}
+    else:
+        parameters = {"lambda": options["lambda"], "normalize": options["normalize"]}
+        if method.startswith("dare"):
+            parameters["rescale"] = True  # mergekit's only rescale: match the L1 norm (evomerge's "l1")
+    config["parameters"] = parameters
+
+    models = []
+    for index, model in enumerate(recipe.models):
+        entry: dict[str, Any] = {"model": model}
+        per_model = {key: _setting([group[key][index] for group in recipe.groups], filters, fallback)
+                     for key in recipe.spec.per_model}
+        if per_model:
+            entry["parameters"] = per_model
+        models.append(entry)
+    config["models"] = models
+    return config
+
+
+def mergekit_notes(recipe: PSRecipe, layout: CheckpointLayout | None = None) -> list[str]:
+    """What mergekit does differently from evomerge for ``recipe``; empty when the two give the same tensors
+    (up to float rounding)."""
+    layout = layout or CheckpointLayout.read(reference_model(recipe))
+    notes = []
+    if recipe.method.startswith("dare"):
+        notes.append("DARE drop masks differ: evomerge draws them from a hash of (seed, tensor, model), mergekit "
+                     "from torch.bernoulli, so the two models agree only in distribution")
+        if recipe.parameters["rescale"] == "dare":
+            notes.append("evomerge rescales kept entries by 1/density; mergekit's rescale matches each task "
+                         "vector's L1 norm instead (the same in expectation)")
+    if recipe.method == "slerp":
+        notes.append("mergekit's slerp interpolates each row of a matrix on its own great circle; evomerge "
+                     "interpolates each whole tensor")
+    if recipe.method in _NO_MERGEKIT_TWIN:
+        notes.append(f"mergekit has no {recipe.method} merge; this is the normalized weighted average that "
+                     "evomerge uses for tensors without statistics, not the statistics-weighted merge")
+    if recipe.method in ("linear", *_NO_MERGEKIT_TWIN) and recipe.parameters.get("normalize", True):
+        for group in recipe.groups:
+            if abs(sum(group["weight"])) < 1e-8:
+                notes.append(f"group {group.name!r}: weights sum to ~0; evomerge then leaves the sum "
+                             "unnormalized, mergekit divides by it")
+    inputs = [*([recipe.base] if recipe.base is not None else []), *recipe.models]
+    if len(set(inputs)) < len(inputs):
+        notes.append("the recipe lists a model twice or its base among the models; mergekit identifies inputs "
+                     "by path and merges each once")
+    if len(layout.float_dtypes) > 1:
+        notes.append(f"the checkpoint mixes dtypes {list(layout.float_dtypes)}; evomerge keeps each tensor's, "
+                     "mergekit writes float32")
+    return notes
+
+
+def mergekit_yaml(recipe: PSRecipe, layout: CheckpointLayout | None = None) -> tuple[str, list[str]]:
+    """The mergekit config as YAML with a header saying what it is and ``# note:`` lines for every
+    difference from evomerge's merge; also returns the notes."""
+    layout = layout or CheckpointLayout.read(reference_model(recipe))
+    notes = mergekit_notes(recipe, layout)
+    header = [
+        f"# mergekit config for evomerge recipe {recipe.hash} ({recipe.method}); rebuild the model with",
+        "#   mergekit-yaml mergekit.yaml <output-dir>",
+        "# Per-layer-group values: the first `filter` contained in a tensor name applies, the entry without",
+        "# a filter covers the rest (final norm, LM head).",
+    ]
+    if notes:
+        header += [f"# note: {note}" for note in notes]
+    else:
+        header.append("# Rebuilds the same tensors as evomerge, up to float rounding.")
+    body = yaml.safe_dump(mergekit_config(recipe, layout), sort_keys=False, width=120)
+    return "\n".join(header) + "\n" + body, notes
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Test metrics of the exported recipe and a caption saying where they come from, for the model card."""
+
+    metrics: Mapping[str, Any]
+    caption: str
+
+
+def load_run(run_dir: Path) -> tuple[PSRecipe, Scores | None]:
+    """A search run's best recipe and, when its report scores that same recipe, the best row's test metrics."""
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {run_dir} does not exist")
+    recipe_path = run_dir / RUN_RECIPE
+    if not recipe_path.is_file():
+        raise ExportError(f"{run_dir} has no {RUN_RECIPE}: not a search run directory, or no generation finished yet")
+    recipe = PSRecipe.load(recipe_path)
+    report_path = run_dir / RUN_REPORT
+    if not report_path.is_file():
+        warnings.warn(f"{run_dir} has no {RUN_REPORT} (the search did not reach its test report); "
+                      "the model card has no scores", ExportWarning, stacklevel=3)
+        return recipe, None
+    try:
+        report = json.loads(report_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{report_path} is not valid JSON: {error}") from error
+    best = next((row for row in report.get("rows", []) if row.get("kind") == "best"), None)
+    if best is None or best.get("recipe_hash", recipe.hash) != recipe.hash:
+        what = "has no best row" if best is None else f"scores recipe {best['recipe_hash']}, not {recipe.hash}"
+        warnings.warn(f"{report_path} {what}; the model card has no scores", ExportWarning, stacklevel=3)
+        return recipe, None
+    caption = (f"Scores of this recipe on the {report.get('split', 'test')} split of task `{report.get('task')}` "
+               f"(fitness = `{report.get('objective')}`), from the search run's {RUN_REPORT}.")
+    return recipe, Scores(dict(best["metrics"]), caption)
+
+
+def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``out/recipe.yaml``, ``out/mergekit.yaml`` and the merged model ``out/model/`` from a search run
+    directory (its best recipe; the model card gets its test scores) or a recipe YAML file.
+
+    Everything is staged next to ``out`` and renamed into place when complete, so a failed export leaves
+    ``out`` as it was.  Differences between the mergekit config and evomerge's merge are `ExportWarning`s.
+    """
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        recipe, scores = load_run(source)
+    elif source.is_file():
+        recipe, scores = PSRecipe.load(source), None
+    else:
+        raise ExportError(f"{source} is neither a run directory nor a recipe file")
+    if out.exists() and not overwrite:
+        raise ExportError(f"output {out} already exists; pass overwrite=true to replace it")
+    mergekit_text, notes = mergekit_yaml(recipe)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        recipe.save(staging / "recipe.yaml")
+        (staging / "mergekit.yaml").write_text(mergekit_text)
+        model = merge_to_disk(recipe, staging / "model")
+        if scores is not None:
+            (model / "README.md").write_text(model_card(recipe, scores.metrics, scores.caption))
+        move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for note in notes:
+        warnings.warn(f"mergekit.yaml is not exact: {note}", ExportWarning, stacklevel=2)
+    return out
+
+
+def export_command(cfg: DictConfig) -> Path:
+    """`evomerge export run=<run dir> out=<dir>` or `evomerge export recipe=<file> out=<dir>` [overwrite=true]."""
+    run, recipe, out = (OmegaConf.select(cfg, key) for key in ("run", "recipe", "out"))
+    if bool(run) == bool(recipe):
+        raise ExportError("export needs exactly one of run=<search run directory> or recipe=<recipe.yaml>")
+    if not out:
+        raise ExportError("export needs out=<directory>")
+    if run and not Path(run).is_dir():
+        raise ExportError(f"run={run}: no such directory")
+    if recipe and not Path(recipe).is_file():
+        raise ExportError(f"recipe={recipe}: no such file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        written = export(run or recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)))
+    for warning in caught:
+        if issubclass(warning.category, ExportWarning):
+            print(f"evomerge export: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    print(f"exported {written}: recipe.yaml, mergekit.yaml, model/")
+    return written
