@@ -26,7 +26,7 @@ from evomerge.zoo.report import zoo_report
 from evomerge.zoo.tokenizer import train_tokenizer
 from evomerge.zoo.train import finetune, mean_tail, pretrain
 
-SPEC_VERSION = 1  # bump when code changes what a spec builds
+SPEC_VERSION = 2  # bump when code changes what a spec builds
 TASKS = ("toy_ja_qa", "toy_en_math", "toy_ja_math")
 OBJECTIVE = "toy_two_skill"  # both experts' skills in one model: the zoo's default search objective
 REPORT_TASKS = (*TASKS, OBJECTIVE)
@@ -53,6 +53,7 @@ class ZooSpec:
     pretrain_documents: int = 60000
     pretrain_steps: int = 700
     pretrain_lr: float = 3e-3
+    pretrain_qa_fraction: float = 0.2  # share of generic Q:/A: reading comprehension in the base's pretraining
     batch_size: int = 32
     seq_len: int = 128
     expert_examples: int = 8000
@@ -144,7 +145,8 @@ def _train_base(spec: ZooSpec, work: Path) -> None:
     out = work / "base"
     if _stage_done(out):
         return
-    documents = corpus.pretraining_documents(spec.seed, spec.pretrain_documents)
+    held_out = {e.question for splits in _eval_splits(spec).values() for rows in splits.values() for e in rows}
+    documents = corpus.pretraining_documents(spec.seed, spec.pretrain_documents, spec.pretrain_qa_fraction, held_out)
     tokenizer = train_tokenizer(documents[: max(2000, len(documents) // 10)], spec.vocab_size)
     config = MistralConfig(
         vocab_size=len(tokenizer),

@@ -135,6 +135,11 @@ class Fact:
             return COLORS[self.value[0]][1] + OBJECTS[self.value[1]][1]
         return (CITIES if self.relation == "lives" else FOODS)[self.value[0]][1]
 
+    def en_question(self) -> str:
+        name = EN_NAMES[self.name]
+        return {"has": f"What does {name} have?", "lives": f"Where does {name} live?",
+                "likes": f"What is {name}'s favorite food?"}[self.relation]
+
     def ja_question(self) -> str:
         return JA_QUESTION[self.relation].format(name=JA_NAMES[self.name])
 
@@ -234,8 +239,27 @@ def ja_worked_story(p: Problem) -> str:
     return f"{setup}今、{JA_NAMES[p.name]}は{ITEMS[p.item][1]}を{p.equation}{ITEMS[p.item][2]}持っています。"
 
 
-def pretraining_document(rng: random.Random) -> str:
-    """One short document; the mix gives the base vocabulary, facts and arithmetic in both languages."""
+def generic_qa_document(rng: random.Random, exclude: set[str]) -> str:
+    """Reading-comprehension Q/A in either language behind a `Q:`/`A:` wrapper that no task uses: the base learns
+    to answer questions, and an expert then only has to learn its own task's wrapper and answer shape."""
+    while True:
+        facts = sample_facts(rng, rng.randint(2, 3), distinct_relations=True)
+        asked = rng.choice(facts)
+        if rng.random() < 0.5:
+            question = "".join(f.ja() for f in facts) + asked.ja_question()
+            answer = asked.ja()
+        else:
+            question = " ".join(f.en() for f in facts) + " " + asked.en_question()
+            answer = asked.en()
+        if question not in exclude:
+            return f"Q: {question}\nA: {answer}"
+
+
+def pretraining_document(rng: random.Random, qa_fraction: float = 0.0, exclude: set[str] = frozenset()) -> str:
+    """One short document; the mix gives the base vocabulary, facts and arithmetic in both languages, and (with
+    `qa_fraction`) generic question answering."""
+    if rng.random() < qa_fraction:
+        return generic_qa_document(rng, exclude)
     kind = rng.random()
     if kind < 0.25:
         return " ".join(en_worked_story(sample_problem(rng)) for _ in range(rng.randint(1, 3)))
@@ -256,6 +280,7 @@ def _recalled(rng: random.Random, facts: list[Fact]) -> list[Fact]:
     return [rng.choice(facts)] if rng.random() < 0.5 else []
 
 
-def pretraining_documents(seed: int, count: int) -> list[str]:
+def pretraining_documents(seed: int, count: int, qa_fraction: float = 0.0, exclude: set[str] = frozenset()) -> list[str]:
+    """`exclude`: evaluation questions that must never appear in pretraining text."""
     rng = random.Random(f"pretrain/{seed}")
-    return [pretraining_document(rng) for _ in range(count)]
+    return [pretraining_document(rng, qa_fraction, exclude) for _ in range(count)]
