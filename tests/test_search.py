@@ -154,3 +154,10 @@ def test_resume_of_a_directory_that_is_not_a_run_is_refused(micro_zoo_home, tmp_
     with pytest.raises(SystemExit):
         _search(micro_zoo_home, tmp_path / "b", f"resume={tmp_path}")
     assert "not a search run directory" in capsys.readouterr().err
+
+
+def test_encode_is_the_inverse_of_decode_for_uniform_values():
+    s = space(shared=False)
+    recipe = s.decode(s.encode({"weight": 1.0, "density": 0.6}))
+    assert all(g["weight"] == (1.0, 1.0) and g["density"] == (0.6, 0.6) for g in recipe.groups)
+    assert (s.encode({"weight": 5.0, "density": 0.6}) <= 1.0).all()  # clipped into the box

@@ -89,6 +89,20 @@ class PSGenomeSpace:
         groups = [GroupValues(name, entry) for name, entry in zip(self.groups, entries)]
         return PSRecipe(self.method, self.models, tuple(groups), self.base, dict(self.parameters))
 
+    def encode(self, values: Mapping[str, float]) -> np.ndarray:
+        """The genome whose every coordinate of key k decodes to values[k] (clipped into the box): the
+        recipe a search starts from, e.g. the method's default weight and density."""
+        spec = METHODS[self.method]
+        units = []
+        for key in spec.per_model + spec.per_group:
+            low, high = self.ranges[key]
+            unit = 0.5 if high == low else (float(values[key]) - low) / (high - low)
+            units.append((key, min(1.0, max(0.0, unit))))
+        per_group = []
+        for key, unit in units:
+            per_group += [unit] * (len(self.models) if key in spec.per_model else 1)
+        return np.asarray(per_group * self._coded_groups)
+
     def _scale(self, key: str, unit: float) -> float:
         low, high = self.ranges[key]
         return round(low + unit * (high - low), 6)  # 6 digits: short YAML, stable hashes

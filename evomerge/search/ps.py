@@ -17,7 +17,7 @@ from evomerge.merge.groups import count_blocks, group_names
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pool import Pool
-from evomerge.recipe import METHODS, PSRecipe
+from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, PSRecipe
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
 
@@ -73,9 +73,17 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
     evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
                           max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
     problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
+    x0 = None if cfg.search.start == "center" else space.encode(_method_defaults(cfg))
     optimizer = lambda: CMAES(space.dim, seed=cfg.search.seed, sigma0=cfg.search.sigma0,  # noqa: E731
-                              popsize=cfg.search.popsize)
+                              popsize=cfg.search.popsize, x0=x0)
     return problem, optimizer
+
+
+def _method_defaults(cfg: DictConfig) -> dict[str, float]:
+    """The merge config's per-model / per-group values (e.g. weight 1.0, density 0.5), with recipe defaults."""
+    merge = OmegaConf.to_container(cfg.merge, resolve=True)
+    spec = METHODS[merge["method"]]
+    return {key: merge.get(key, GROUP_VALUE_DEFAULTS[key]) for key in spec.per_model + spec.per_group}
 
 
 def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
