@@ -139,7 +139,7 @@ def test_ps_search_on_the_micro_zoo_resumes_and_reports(micro_zoo_home, tmp_path
     assert all(0 <= r["metrics"]["fitness"] <= 1 and r["metrics"]["split"] == "test" for r in report["rows"])
     assert (full / "fitness.png").stat().st_size > 0
     recipe = PSRecipe.load(full / "best_recipe.yaml")
-    assert recipe.method == "ties" and len(recipe.groups) == 3
+    assert recipe.method == "task_arithmetic" and recipe.group_names == ("embed", "blocks.0", "blocks.1", "head")
 
 
 def test_resume_with_a_different_setting_is_refused(micro_zoo_home, tmp_path, capsys):

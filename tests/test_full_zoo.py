@@ -1,0 +1,51 @@
+"""Slow: the full toy zoo's gates and the default search's acceptance, on the zoo `evomerge search` itself uses.
+
+The zoo is built once into the evomerge home (EVOMERGE_HOME, default ~/.cache/evomerge) and found there again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.zoo.build import ZooSpec, build_zoo
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+HOME = Path(os.environ.get("EVOMERGE_HOME", "~/.cache/evomerge")).expanduser()
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    spec = ZooSpec.from_dict(yaml.safe_load((ROOT / "conf" / "zoo" / "full.yaml").read_text()))
+    return json.loads((build_zoo(spec, HOME) / "zoo_report.json").read_text())
+
+
+def test_each_expert_masters_its_own_task_and_not_the_others(report):
+    models = report["models"]
+    assert models["ja_expert"]["toy_ja_qa"]["acc_ja"] >= 0.9
+    assert models["math_expert"]["toy_en_math"]["acc"] >= 0.9
+    assert models["ja_expert"]["toy_en_math"]["acc"] <= 0.2
+    assert models["math_expert"]["toy_ja_qa"]["acc_ja"] <= 0.2
+
+
+@pytest.mark.xfail(strict=True, reason="issue #2 gate not met yet: the merge probe is +9.5 points over the better "
+                   "expert on test (0.600 vs 0.505), the gate asks for +10; see README, 'The toy zoo'")
+def test_merging_has_something_to_offer(report):
+    best_expert = max(report["models"][name]["toy_two_skill"]["score"] for name in ("ja_expert", "math_expert"))
+    probe = report["merge_probe"]
+    assert probe["chosen_on"] == "search" and probe["tasks"]["toy_two_skill"]["split"] == "test"
+    assert probe["tasks"]["toy_two_skill"]["score"] >= best_expert + 0.10
+
+
+def test_default_search_beats_every_source_and_uniform_baseline_on_test(tmp_path):
+    main(["search", f"home={HOME}", f"hydra.run.dir={tmp_path}", "progress=false"])
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    best = next(r for r in rows if r["kind"] == "best")["metrics"]["fitness"]
+    others = {r["name"]: r["metrics"]["fitness"] for r in rows if r["kind"] != "best"}
+    assert all(best > fitness for fitness in others.values()), (best, others)
