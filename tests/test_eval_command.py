@@ -9,6 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from evomerge.eval.command import eval_command, model_key
+from evomerge.merge.stream import merge_to_disk
+from evomerge.recipe import PSRecipe
 
 MGSM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
 
@@ -63,9 +65,21 @@ def test_eval_command_reuses_its_cache_file(tiny_checkpoints, tmp_path, monkeypa
 
 
 def test_eval_command_errors_are_explicit(tiny_checkpoints):
-    with pytest.raises(ValueError, match="needs model="):
+    with pytest.raises(ValueError, match="needs one of model="):
         eval_command(OmegaConf.create({"task": "toy_ja_qa"}))
-    with pytest.raises(ValueError, match="recipes are not wired"):
-        eval_command(OmegaConf.create({"recipe": "r.yaml", "task": "toy_ja_qa"}))
+    with pytest.raises(ValueError, match="needs one of model="):
+        eval_command(OmegaConf.create({"model": "m", "recipe": "r.yaml", "task": "toy_ja_qa"}))
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         eval_command(OmegaConf.create({"model": str(tiny_checkpoints["base"]), "task": "nope"}))
+
+
+def test_eval_of_a_recipe_matches_eval_of_the_model_merged_to_disk(tiny_checkpoints, tmp_path):
+    recipe = PSRecipe.uniform("ties", tiny_checkpoints["base"], [tiny_checkpoints["expert_a"], tiny_checkpoints["expert_b"]],
+                              groups=["embed", "blocks.0", "blocks.1", "head"], weight=[0.7, 0.4], density=0.5)
+    merged = merge_to_disk(recipe, tmp_path / "merged")
+    common = {"task": "mgsm_ja", "split": "test", "max_new_tokens": 4, "mgsm_dir": str(MGSM_DIR), "progress": False}
+    from_recipe = eval_command(OmegaConf.create({**common, "recipe": str(recipe.save(tmp_path / "r.yaml")),
+                                                 "out": str(tmp_path / "a.json")}))
+    from_disk = eval_command(OmegaConf.create({**common, "model": str(merged), "out": str(tmp_path / "b.json")}))
+    assert from_recipe["recipe_hash"] == recipe.hash and from_recipe["model_key"] == f"recipe:{recipe.hash}"
+    assert [x["generation"] for x in from_recipe["samples"]] == [x["generation"] for x in from_disk["samples"]]

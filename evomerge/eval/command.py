@@ -19,24 +19,29 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.eval.evaluator import Evaluator, ResultCache
 from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PADDING
 from evomerge.eval.task import load_task
+from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
+from evomerge.recipe import PSRecipe
 
 TASK_VARIABLES = ("zoo_dir", "mgsm_dir")
 
 
 def eval_command(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate, write the JSON report to `out` (default: <hydra output dir or cwd>/eval_report.json), return it."""
-    if cfg.get("recipe") is not None:
-        raise ValueError("evomerge eval: exported recipes are not wired in yet; merge it first and pass model=<dir>")
-    model_path = cfg.get("model")
-    if model_path is None:
-        raise ValueError("evomerge eval needs model=<model directory or hub id>")
+    recipe_path, model_path = cfg.get("recipe"), cfg.get("model")
+    if (recipe_path is None) == (model_path is None):
+        raise ValueError("evomerge eval needs one of model=<model directory or hub id> or recipe=<recipe.yaml>")
     task_name, task_options = _task_entry(cfg)
     split = cfg.get("split") or "test"
     task = load_task(task_name, _task_variables(cfg))
 
+    if recipe_path is not None:  # merged in memory, never written to disk
+        recipe = PSRecipe.load(recipe_path)
+        model_path = recipe.base or recipe.models[0]
+        model = InMemoryMerger(recipe.base, recipe.models).merge(recipe).to(cfg.get("device") or "cpu")
+    else:
+        model = load_model(model_path, cfg.get("dtype") or "float32", cfg.get("device") or "cpu")
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, cfg.get("dtype") or "float32", cfg.get("device") or "cpu")
     evaluator = Evaluator(
         task,
         split,
@@ -48,9 +53,10 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
         progress=bool(cfg.get("progress", True)),
     )
-    key = f"{model_key(model_path)}|{cfg.get('dtype') or 'float32'}"
+    key = f"recipe:{recipe.hash}" if recipe_path is not None else f"{model_key(model_path)}|{cfg.get('dtype') or 'float32'}"
     result = evaluator.evaluate(model, model_key=key)
-    report = {"model": str(model_path), **result.to_dict()}
+    source = {"recipe": str(recipe_path), "recipe_hash": recipe.hash} if recipe_path is not None else {"model": str(model_path)}
+    report = {**source, **result.to_dict()}
     out = Path(cfg.get("out") or _default_output_dir() / "eval_report.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
