@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from evomerge.cli import main
 from evomerge.merge import MergeError
