@@ -160,3 +160,10 @@ def test_encode_is_the_inverse_of_decode_for_uniform_values():
     recipe = s.decode(s.encode({"weight": 1.0, "density": 0.6}))
     assert all(g["weight"] == (1.0, 1.0) and g["density"] == (0.6, 0.6) for g in recipe.groups)
     assert (s.encode({"weight": 5.0, "density": 0.6}) <= 1.0).all()  # clipped into the box
+
+
+def test_evaluation_budget_stops_between_generations(tmp_path):
+    args = [sys.executable, "-m", "tests.helpers.synthetic_search", str(tmp_path), "5", "-", "10"]
+    assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0
+    state = load_checkpoint(tmp_path)
+    assert state["generation"] == 2 and state["evaluations"] == 12  # popsize 6: 6 < 10, then 12 >= 10

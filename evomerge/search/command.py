@@ -13,7 +13,7 @@ from evomerge.search import ps
 from evomerge.search.plots import plot_fitness
 from evomerge.search.run import Budget, SearchError, load_checkpoint, run_search, write_json_atomic
 
-BUDGET_KEYS = ("generations", "max_seconds")  # may change on resume: a search can be extended
+BUDGET_KEYS = ("generations", "max_seconds", "max_evaluations")  # may change on resume: a search can be extended
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -49,7 +49,7 @@ def search_command(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if load_checkpoint(run_dir) is not None:
         print(f"resuming the search in {run_dir}")
-    budget = Budget(int(cfg.search.generations), cfg.search.max_seconds)
+    budget = Budget(int(cfg.search.generations), cfg.search.max_seconds, cfg.search.max_evaluations)
     result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget, progress=cfg.progress)
     best = problem.decode(np.asarray(result.best["genome"]))
     objective = cfg.search.objectives[0]

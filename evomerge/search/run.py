@@ -57,8 +57,18 @@ class Problem(Protocol):
 
 @dataclass(frozen=True)
 class Budget:
+    """Stop at whichever comes first; a generation is never cut short by the budget."""
+
     generations: int
     max_seconds: float | None = None
+    max_evaluations: int | None = None
+
+    def spent(self, state: Mapping[str, Any], elapsed: float) -> bool:
+        return (
+            state["generation"] >= self.generations
+            or (self.max_seconds is not None and elapsed >= self.max_seconds)
+            or (self.max_evaluations is not None and state["evaluations"] >= self.max_evaluations)
+        )
 
 
 def _digest(payload: Mapping[str, Any]) -> str:
@@ -191,9 +201,7 @@ def run_search(
 
     started = time.perf_counter() - state["elapsed_seconds"]
     bar = tqdm(total=budget.generations, initial=state["generation"], desc="search", unit="gen", disable=not progress)
-    while state["generation"] < budget.generations and not optimizer.done():
-        if budget.max_seconds is not None and time.perf_counter() - started >= budget.max_seconds:
-            break
+    while not budget.spent(state, time.perf_counter() - started) and not optimizer.done():
         genomes = optimizer.ask()
         fitness = []
         for genome in genomes:

@@ -1,6 +1,6 @@
 """A search on a cheap synthetic problem, run as its own process so tests can SIGKILL it at chosen moments.
 
-usage: python -m tests.helpers.synthetic_search RUN_DIR GENERATIONS [KILL_AT_EVALUATION]
+usage: python -m tests.helpers.synthetic_search RUN_DIR GENERATIONS [KILL_AT_EVALUATION|-] [MAX_EVALUATIONS]
 The fitness is a smooth function of the genome; `seconds` are fixed so logs compare exactly.
 """
 
@@ -54,10 +54,11 @@ class SyntheticProblem:
 
 def main() -> None:
     run_dir, generations = Path(sys.argv[1]), int(sys.argv[2])
-    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    max_evaluations = int(sys.argv[4]) if len(sys.argv) > 4 else None
     problem = SyntheticProblem(kill_at)
     run_search(run_dir, problem, lambda: CMAES(4, seed=3, popsize=6), {"problem": "synthetic"},
-               Budget(generations), progress=False)
+               Budget(generations, max_evaluations=max_evaluations), progress=False)
 
 
 if __name__ == "__main__":
