@@ -61,7 +61,7 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
-    print(f"{task.name} [{split}] {model_path}: {summary}\nreport: {out}")
+    print(f"{task.name} [{split}] {recipe_path or model_path}: {summary}\nreport: {out}")
     return report
 
 
