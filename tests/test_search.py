@@ -167,3 +167,9 @@ def test_evaluation_budget_stops_between_generations(tmp_path):
     assert subprocess.run(args, cwd=ROOT, capture_output=True).returncode == 0
     state = load_checkpoint(tmp_path)
     assert state["generation"] == 2 and state["evaluations"] == 12  # popsize 6: 6 < 10, then 12 >= 10
+
+
+def test_unknown_start_is_named(micro_zoo_home, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _search(micro_zoo_home, tmp_path / "b", "search.start=centre")
+    assert "search.start='centre'" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def search_command(cfg: DictConfig) -> dict:
     best = problem.decode(np.asarray(result.best["genome"]))
     objective = cfg.search.objectives[0]
     plot_fitness(result.history, run_dir / "fitness.png", objective)
-    report = ps.test_report(cfg, pool, problem.merger, best)
+    report = ps.held_out_report(cfg, pool, problem.merger, best)
     report["search"] = {"evaluations": result.evaluations, "generations": len(result.history),
                         "best_search_fitness": result.best["fitness"][0], "best_recipe": "best_recipe.yaml"}
     write_json_atomic(run_dir / "report.json", report)

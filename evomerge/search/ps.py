@@ -20,6 +20,7 @@ from evomerge.pool import Pool
 from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, PSRecipe
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
+from evomerge.search.run import SearchError
 
 CONF_MERGE = Path(__file__).resolve().parents[2] / "conf" / "merge"
 BASELINES = ("ties", "dare_ties", "task_arithmetic")
@@ -73,6 +74,8 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
     evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
                           max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
     problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
+    if cfg.search.start not in ("center", "merge_defaults"):
+        raise SearchError(f"search.start={cfg.search.start!r}: use 'merge_defaults' or 'center'")
     x0 = None if cfg.search.start == "center" else space.encode(_method_defaults(cfg))
     optimizer = lambda: CMAES(space.dim, seed=cfg.search.seed, sigma0=cfg.search.sigma0,  # noqa: E731
                               popsize=cfg.search.popsize, x0=x0)
@@ -95,7 +98,7 @@ def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
     return recipes
 
 
-def test_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: PSRecipe) -> dict[str, Any]:
+def held_out_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: PSRecipe) -> dict[str, Any]:
     """Sources, uniform baselines and the best recipe on the held-out test split; `fitness` = the objective."""
     tokenizer = load_tokenizer(pool.tokenizer_source)
     task = load_task(cfg.task.name, pool.variables)
