@@ -34,8 +34,6 @@ def test_each_expert_masters_its_own_task_and_not_the_others(report):
     assert models["math_expert"]["toy_ja_qa"]["acc_ja"] <= 0.2
 
 
-@pytest.mark.xfail(strict=True, reason="issue #2 gate not met yet: the merge probe is +9.5 points over the better "
-                   "expert on test (0.600 vs 0.505), the gate asks for +10; see README, 'The toy zoo'")
 def test_merging_has_something_to_offer(report):
     best_expert = max(report["models"][name]["toy_two_skill"]["score"] for name in ("ja_expert", "math_expert"))
     probe = report["merge_probe"]
