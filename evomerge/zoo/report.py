@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
-from evomerge.eval.task import load_task
+from evomerge.eval.task import CompositeTask, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.recipe import PSRecipe
@@ -18,20 +18,30 @@ REPORTED_METRICS = ("score", "acc", "acc_ja", "ja_rate")
 
 
 class TaskSuite:
-    """Evaluators for several tasks on one split, sharing a tokenizer and a cache."""
+    """Several tasks on one split. Each plain task is generated once per model; a composite task (e.g.
+    toy_two_skill) is combined from its components' results instead of generating them again."""
 
     def __init__(self, zoo: Path, tasks: Iterable[str], split: str):
         tokenizer = load_tokenizer(zoo / "base")
-        cache = ResultCache(keep_samples=False)
         variables = {"zoo_dir": str(zoo)}
         self.split = split
+        self.tasks = {name: load_task(name, variables) for name in tasks}
+        plain = {}
+        for task in self.tasks.values():
+            for part in [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]:
+                plain[part.name] = part
         self.evaluators = {
-            name: Evaluator(load_task(name, variables), split, tokenizer, batch_size=64, cache=cache, progress=False)
-            for name in tasks
+            name: Evaluator(task, split, tokenizer, batch_size=64, cache=ResultCache(keep_samples=False), progress=False)
+            for name, task in plain.items()
         }
 
     def scores(self, model: torch.nn.Module, key: str) -> dict[str, dict[str, Any]]:
-        return {name: _summary(ev.evaluate(model, key).metrics) for name, ev in self.evaluators.items()}
+        plain = {name: ev.evaluate(model, key).metrics for name, ev in self.evaluators.items()}
+        return {
+            name: _summary(task.combine({c.task.name: plain[c.task.name] for c in task.components}, self.split)
+                           if isinstance(task, CompositeTask) else plain[name])
+            for name, task in self.tasks.items()
+        }
 
 
 def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
