@@ -6,7 +6,8 @@ A run directory holds:
   `checkpoint.prev.json`), with a checksum. It holds the settings, counters, elapsed time, the best candidate and
   the told history -- every generation's genomes and fitness -- from which the optimizer is rebuilt by replay;
 - `best_recipe.yaml`, kept current.
-Resuming after a kill at any moment: the optimizer is replayed from the checkpoint, log lines written after it
+Each generation's new recipes go to an executor (serial here, or Ray workers) that yields outcomes in order, so
+the log does not depend on where candidates ran. Resuming after a kill at any moment: the optimizer is replayed from the checkpoint, log lines written after it
 (a generation cut short) are taken back and reused verbatim when the replayed generation asks for the same
 candidates, so the log and the best recipe come out as in an uninterrupted run.
 """
@@ -19,7 +20,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,11 +49,60 @@ class Recipe(Protocol):
 class Problem(Protocol):
     """What a search optimises: genomes decode to recipes, recipes are evaluated into metrics."""
 
-    objectives: tuple[str, ...]  # metric names, all maximised; the first is the primary fitness
+    objectives: tuple[str, ...]  # metric names, maximised; a leading "-" minimises; the first is the primary fitness
 
     def decode(self, genome: np.ndarray) -> Recipe: ...
 
     def evaluate(self, recipe: Recipe) -> tuple[dict[str, Any], dict[str, float]]: ...  # metrics, seconds
+
+
+def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> list[float]:
+    """Fitness, higher is better: the named metrics, negated where the name starts with "-"."""
+    values = [-float(metrics[name[1:]]) if name.startswith("-") else float(metrics[name]) for name in objectives]
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError(f"non-finite fitness {values}")
+    return values
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One evaluated recipe: its metrics and timings, or the error that ended it."""
+
+    metrics: dict[str, Any]
+    seconds: dict[str, float]
+    error: str | None = None
+
+
+def evaluate_safely(problem: Problem, recipe: Recipe) -> Outcome:
+    """A bad candidate must not end a long search: its exception becomes a logged error."""
+    try:
+        metrics, seconds = problem.evaluate(recipe)
+        objective_values(metrics, problem.objectives)
+        return Outcome(metrics, seconds)
+    except Exception as exc:
+        return Outcome({}, {}, "".join(traceback.format_exception_only(type(exc), exc)).strip())
+
+
+class Executor(Protocol):
+    """Evaluates a generation's recipes, yielding outcomes in the order given (serially or on workers)."""
+
+    def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class SerialExecutor:
+    """Every candidate in this process, one after the other, on the problem's resident pool."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+
+    def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
+        for recipe in recipes:
+            yield evaluate_safely(self.problem, recipe)
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -179,9 +229,12 @@ def run_search(
     settings: Mapping[str, Any],
     budget: Budget,
     *,
+    executor: Executor | None = None,
     progress: bool = True,
 ) -> SearchResult:
-    """Run (or resume) a search in `run_dir` until the budget is spent or the optimizer stops."""
+    """Run (or resume) a search in `run_dir` until the budget is spent or the optimizer stops.
+
+    `executor` evaluates each generation (default: serially in this process); the log is the same either way."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(settings))  # plain JSON types, as a checkpoint stores them
@@ -199,13 +252,13 @@ def run_search(
     cache = {e["recipe_hash"]: e for e in log.entries if e["error"] is None and not e["cached"]}
     cache.update({e["recipe_hash"]: e for e in log.pending.values() if e["error"] is None and not e["cached"]})
 
+    executor = executor if executor is not None else SerialExecutor(problem)
     started = time.perf_counter() - state["elapsed_seconds"]
     bar = tqdm(total=budget.generations, initial=state["generation"], desc="search", unit="gen", disable=not progress)
     while not budget.spent(state, time.perf_counter() - started) and not optimizer.done():
         genomes = optimizer.ask()
         fitness = []
-        for genome in genomes:
-            entry = _candidate(problem, genome, state, log, cache)
+        for entry in _generation(problem, executor, genomes, state, log, cache):
             log.append(entry)
             state["evaluations"] += 1
             fitness.append(entry["fitness"])
@@ -241,32 +294,44 @@ def _replay(optimizer: Optimizer, history: Sequence[Mapping[str, Any]]) -> None:
         optimizer.tell(asked, told["fitness"])
 
 
-def _candidate(problem: Problem, genome: np.ndarray, state: dict, log: CandidateLog, cache: dict) -> dict[str, Any]:
-    index = state["evaluations"]
-    recipe = problem.decode(genome)
-    pending = log.pending.get(index)
-    if pending is not None and pending["recipe_hash"] == recipe.hash:
-        return pending
-    entry: dict[str, Any] = {
-        "index": index, "generation": state["generation"], "genome": genome.tolist(), "recipe_hash": recipe.hash,
-    }
-    if recipe.hash in cache:
-        hit = cache[recipe.hash]
-        return {**entry, "metrics": hit["metrics"], "fitness": hit["fitness"], "seconds": {}, "cached": True,
-                "error": None}
-    try:
-        metrics, seconds = problem.evaluate(recipe)
-        fitness = [float(metrics[name]) for name in problem.objectives]
-        if not all(math.isfinite(f) for f in fitness):
-            raise FloatingPointError(f"non-finite fitness {fitness}")
-        error = None
-    except Exception as exc:  # a bad candidate must not end a long search: log it, score it worst
-        metrics, seconds, fitness = {}, {}, [FAILED_FITNESS] * len(problem.objectives)
-        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    entry.update(metrics=metrics, fitness=fitness, seconds=seconds, cached=False, error=error)
-    if error is None:
-        cache[recipe.hash] = entry
-    return entry
+def _generation(problem: Problem, executor: Executor, genomes: Sequence[np.ndarray], state: dict,
+                log: CandidateLog, cache: dict) -> Iterator[dict[str, Any]]:
+    """Log entries for one generation, in genome order. Only recipes that are new -- not in a log line a killed
+    run left behind, not cached, not repeated earlier in this generation -- go to the executor."""
+    entries, jobs = [], []
+    first_seen: dict[str, dict[str, Any]] = {}
+    for offset, genome in enumerate(genomes):
+        recipe = problem.decode(genome)
+        index = state["evaluations"] + offset
+        pending = log.pending.get(index)
+        if pending is not None and pending["recipe_hash"] == recipe.hash:
+            entries.append(("pending", pending))
+            continue
+        entry = {"index": index, "generation": state["generation"], "genome": genome.tolist(),
+                 "recipe_hash": recipe.hash}
+        if recipe.hash in cache or recipe.hash in first_seen:
+            entries.append(("repeat", entry))
+        else:
+            first_seen[recipe.hash] = entry
+            entries.append(("new", entry))
+            jobs.append(recipe)
+    outcomes = executor.map(jobs)
+    for kind, entry in entries:
+        if kind == "pending":
+            yield entry
+        elif kind == "new":
+            outcome = next(outcomes)
+            fitness = ([FAILED_FITNESS] * len(problem.objectives) if outcome.error
+                       else objective_values(outcome.metrics, problem.objectives))
+            entry.update(metrics=outcome.metrics, fitness=fitness, seconds=outcome.seconds, cached=False,
+                         error=outcome.error)
+            if outcome.error is None:
+                cache[entry["recipe_hash"]] = entry
+            yield entry
+        else:
+            hit = cache.get(entry["recipe_hash"]) or first_seen[entry["recipe_hash"]]
+            yield {**entry, "metrics": hit["metrics"], "fitness": hit["fitness"], "seconds": {}, "cached": True,
+                   "error": hit["error"]}
 
 
 def _check_failures(entries: Sequence[Mapping[str, Any]], minimum: int = 8) -> None:
