@@ -24,6 +24,7 @@ COMMANDS = {
     "search": ("evomerge.search.command:search_command", "search merge recipes (CMA-ES), then report on the test split"),
     "merge": ("evomerge.merge.command:merge_command", "merge models from a recipe file into a model directory"),
     "export": ("evomerge.export:export_command", "write a run's or recipe's recipe, mergekit config and merged model"),
+    "study": ("evomerge.study.command:study_command", "merging at scale: N experts x methods x base kinds, normalized"),
 }
 
 

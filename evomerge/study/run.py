@@ -1,0 +1,220 @@
+"""Run the study: for each base kind, each N, each random expert subset and each method, merge in memory, pick the
+method's hyperparameters on the held-in tasks' search split, score on the test split, and normalize.
+
+Normalization follows Yadav et al. (2024): a held-in task's score is divided by its own expert's score, a held-out
+task's score by the base's (each base kind by its own base); a task whose reference scores 0 is left out of that
+mean and counted in `skipped`. Each merge is one line of `results.jsonl`, written as it finishes, so a run that is
+cut short resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.merge.memory import InMemoryMerger
+from evomerge.recipe import METHODS, PSRecipe
+from evomerge.zoo import build
+from evomerge.zoo.report import TaskSuite
+from evomerge.zoo.study_zoo import base_dir, build_study_zoo, expert_dir, load_study_zoo_spec
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass(frozen=True)
+class BaseKind:
+    """One base and the experts fine-tuned from it, with the reference scores (test split, primary metric)."""
+
+    name: str
+    base: Path
+    experts: Mapping[str, Path]  # held-in task -> expert directory
+    base_scores: Mapping[str, float]  # every task
+    expert_scores: Mapping[str, Mapping[str, float]]  # expert's task -> every task
+
+
+@dataclass(frozen=True)
+class StudyPool:
+    zoo: Path
+    kinds: tuple[BaseKind, ...]
+    held_in: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+
+def _primary(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    return {task: float(s["score"]) for task, s in scores.items()}
+
+
+def load_pool(zoo: str, home: str | Path) -> StudyPool:
+    """The study pool of `conf/zoo/<zoo>.yaml`, building the zoo if needed: a study zoo gives both base kinds and
+    all its experts; a default-layout zoo (full, micro) gives one base kind ("plain") and its two experts, with its
+    remaining task (toy_ja_math) held out."""
+    values = yaml.safe_load((CONF / "zoo" / f"{zoo}.yaml").read_text())
+    if "foundation" in values:
+        spec = load_study_zoo_spec(values)
+        path = build_study_zoo(spec, home)
+        report = json.loads((path / "zoo_report.json").read_text())
+        kinds = tuple(
+            BaseKind(
+                name=kind,
+                base=base_dir(path, kind),
+                experts={task: expert_dir(path, kind, task) for task in spec.held_in},
+                base_scores=_primary(entry["base"]),
+                expert_scores={task: _primary(scores) for task, scores in entry["experts"].items()},
+            )
+            for kind, entry in report["kinds"].items()
+        )
+        return StudyPool(path, kinds, tuple(spec.held_in), tuple(spec.held_out))
+    spec = build.ZooSpec.from_dict(values)
+    path = build.build_zoo(spec, home)
+    report = json.loads((path / "zoo_report.json").read_text())
+    held_in = tuple(expert.task for expert in spec.experts.values())
+    held_out = tuple(task for task in build.TASKS if task not in held_in)
+    kind = BaseKind(
+        name="plain",
+        base=path / "base",
+        experts={expert.task: path / name for name, expert in spec.experts.items()},
+        base_scores=_primary(report["models"]["base"]),
+        expert_scores={expert.task: _primary(report["models"][name]) for name, expert in spec.experts.items()},
+    )
+    return StudyPool(path, (kind,), held_in, held_out)
+
+
+def expert_subsets(tasks: Sequence[str], size: int, count: int, seed: int) -> list[tuple[str, ...]]:
+    """`count` distinct random subsets of `size` tasks (all of them when there are no more than `count`), the same
+    for every base kind and method so their comparisons are paired."""
+    tasks = sorted(tasks)
+    total = math.comb(len(tasks), size)
+    if total <= count:
+        return [tuple(c) for c in itertools.combinations(tasks, size)]
+    rng = random.Random(f"study/subsets/{seed}/{size}")
+    chosen: list[tuple[str, ...]] = []
+    while len(chosen) < count:
+        subset = tuple(sorted(rng.sample(tasks, size)))
+        if subset not in chosen:
+            chosen.append(subset)
+    return chosen
+
+
+def method_grid(method: str, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of a method's settings; a list value is a grid to choose from on the search split."""
+    if method not in METHODS:
+        raise ValueError(f"study: unknown merge method {method!r}; known: {sorted(METHODS)}")
+    keys = sorted(settings)
+    values = [v if isinstance(v, list) else [v] for v in (settings[k] for k in keys)]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)] or [{}]
+
+
+def make_recipe(method: str, kind: BaseKind, subset: Sequence[str], point: Mapping[str, Any]) -> PSRecipe:
+    spec = METHODS[method]
+    values = {k: v for k, v in point.items() if k in spec.per_model or k in spec.per_group}
+    parameters = {k: v for k, v in point.items() if k not in values}
+    return PSRecipe.uniform(method, kind.base if spec.needs_base else None, [kind.experts[t] for t in subset],
+                            parameters=parameters, **values)
+
+
+def normalized(scores: Mapping[str, float], references: Mapping[str, float]) -> tuple[float | None, list[str]]:
+    """Mean of score / reference over the tasks whose reference is above 0; and the tasks left out."""
+    usable = [t for t in scores if references[t] > 0]
+    skipped = [t for t in scores if references[t] <= 0]
+    if not usable:
+        return None, skipped
+    return sum(scores[t] / references[t] for t in usable) / len(usable), skipped
+
+
+class Scorer:
+    """One TaskSuite per (task, split), built once and reused by every merged model."""
+
+    def __init__(self, zoo: Path):
+        self.zoo = zoo
+        self._suites: dict[tuple[str, str], TaskSuite] = {}
+
+    def __call__(self, model, key: str, tasks: Iterable[str], split: str) -> dict[str, float]:
+        scores = {}
+        for task in tasks:
+            if (task, split) not in self._suites:
+                self._suites[(task, split)] = TaskSuite(self.zoo, [task], split)
+            scores[task] = float(self._suites[(task, split)].scores(model, key)[task]["score"])
+        return scores
+
+
+def _record_key(kind: str, size: int, subset: Sequence[str], method: str) -> str:
+    return f"{kind}|{size}|{','.join(subset)}|{method}"
+
+
+def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print) -> list[dict[str, Any]]:
+    """Every (kind, N, subset, method) merge, appended to `out/results.jsonl` (kept lines are reused)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if results_path.is_file():
+        for line in results_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[_record_key(record["kind"], record["n"], record["subset"], record["method"])] = record
+    kinds = [k for k in pool.kinds if not settings.get("kinds") or k.name in settings["kinds"]]
+    sizes = [n for n in settings["sizes"] if 1 <= n <= len(pool.held_in)]
+    scorer = Scorer(pool.zoo)
+    records = []
+    with results_path.open("a") as handle:
+        for kind in kinds:
+            merger = None
+            for size in sizes:
+                for subset in expert_subsets(pool.held_in, size, settings["subsets"], settings["seed"]):
+                    for method, method_settings in settings["methods"].items():
+                        key = _record_key(kind.name, size, subset, method)
+                        if key in done:
+                            records.append(done[key])
+                            continue
+                        if merger is None:
+                            merger = InMemoryMerger(kind.base, [kind.experts[t] for t in pool.held_in])
+                        record = _one_merge(pool, kind, merger, scorer, size, subset, method,
+                                            method_grid(method, method_settings or {}), settings)
+                        handle.write(json.dumps(record) + "\n")
+                        handle.flush()
+                        records.append(record)
+                        log(f"{kind.name:>5} N={size} {method:<15} held-in {_fmt(record['held_in_norm'])} "
+                            f"held-out {_fmt(record['held_out_norm'])}  {'+'.join(t[4:] for t in subset)} "
+                            f"({record['seconds']:.1f} s)")
+    return records
+
+
+def _fmt(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
+
+
+def _one_merge(pool, kind, merger, scorer, size, subset, method, grid, settings) -> dict[str, Any]:
+    started = time.perf_counter()
+    chosen, chosen_score, tried = None, float("-inf"), []
+    if len(grid) > 1:  # choose on the held-in tasks' search split (raw mean score); held-out tasks are never used
+        for point in grid:
+            recipe = make_recipe(method, kind, subset, point)
+            scores = scorer(merger.merge(recipe), recipe.hash, subset, settings["select_split"])
+            mean = sum(scores.values()) / len(scores)
+            tried.append({"values": point, "score": round(mean, 4)})
+            if mean > chosen_score:
+                chosen, chosen_score = point, mean
+    else:
+        chosen = grid[0]
+    recipe = make_recipe(method, kind, subset, chosen)
+    model = merger.merge(recipe)
+    split = settings["split"]
+    held_in = scorer(model, recipe.hash, subset, split)
+    held_out = scorer(model, recipe.hash, pool.held_out, split)
+    held_in_norm, skipped_in = normalized(held_in, {t: kind.expert_scores[t][t] for t in subset})
+    held_out_norm, skipped_out = normalized(held_out, kind.base_scores)
+    return {
+        "kind": kind.name, "n": size, "subset": list(subset), "method": method, "values": chosen, "grid": tried,
+        "split": split, "held_in": held_in, "held_out": held_out,
+        "held_in_norm": held_in_norm, "held_out_norm": held_out_norm,
+        "skipped": skipped_in + skipped_out, "recipe_hash": recipe.hash,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,151 @@
+"""Task generators for the study zoo (issue 8): more toy skills, each with an exact scorer, drawn from the default
+zoo's vocabulary (its tokenizer has no commas, brackets or capital B/C/D/G/P/R, so the templates avoid them).
+
+These generators use their own random streams (`study/<task>/...`); the default zoo's generators, streams and
+templates in `corpus.py` are untouched, so the default zoo builds bit for bit as before.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from evomerge.zoo import corpus
+from evomerge.zoo.corpus import COLORS, CITIES, FOODS, OBJECTS, Example, Fact, sample_facts
+
+# the item words of corpus.ITEMS that are one word (lists of them are counted, reversed)
+WORDS = [en for en, _, _ in corpus.ITEMS if " " not in en]
+
+
+def en_value(fact: Fact) -> str:
+    """The English answer phrase of a fact: 'red bag', 'Tokyo', 'sushi'."""
+    if fact.relation == "has":
+        return f"{COLORS[fact.value[0]][0]} {OBJECTS[fact.value[1]][0]}"
+    return (CITIES if fact.relation == "lives" else FOODS)[fact.value[0]][0]
+
+
+def en_qa_example(rng: random.Random) -> Example:
+    """English reading comprehension: 2-3 facts about different people, one asked; the gold is the phrase."""
+    facts = sample_facts(rng, rng.randint(2, 3), distinct_relations=True)
+    asked = rng.choice(facts)
+    return Example(" ".join(f.en() for f in facts) + " " + asked.en_question(), en_value(asked), " " + asked.en())
+
+
+def qa_generic_example(rng: random.Random) -> Example:
+    """Held out: reading comprehension over 4 facts (relations may repeat) in either language, behind the base's own
+    `Q:`/`A:` wrapper; pretraining and the instruction tune only ever show 2-3 facts, so no question repeats."""
+    facts = sample_facts(rng, 4)
+    asked = rng.choice(facts)
+    if rng.random() < 0.5:
+        return Example("".join(f.ja() for f in facts) + asked.ja_question(), asked.ja_value(), " " + asked.ja())
+    return Example(" ".join(f.en() for f in facts) + " " + asked.en_question(), en_value(asked), " " + asked.en())
+
+
+def count_example(rng: random.Random) -> Example:
+    """How often one word occurs in a list of 2-9 words."""
+    target = rng.choice(WORDS)
+    count = rng.randint(1, 5)
+    words = [target] * count + [rng.choice([w for w in WORDS if w != target]) for _ in range(rng.randint(1, 4))]
+    rng.shuffle(words)
+    return Example(f"{' '.join(words)}. How many {target}?", str(count), f" {count}")
+
+
+def _number_list(rng: random.Random, low: int, high: int) -> list[int]:
+    while True:
+        numbers = rng.sample(range(1, 21), rng.randint(low, high))
+        if numbers != sorted(numbers):
+            return numbers
+
+
+def sort_example(rng: random.Random) -> Example:
+    """Sort 3-5 distinct numbers ascending; the gold 'is 3 5 8 12.' is anchored at both ends, so 13 5 8 12 fails."""
+    numbers = _number_list(rng, 3, 5)
+    answer = " ".join(str(n) for n in sorted(numbers))
+    return Example(" ".join(str(n) for n in numbers), f"is {answer}.", f" The list is {answer}.")
+
+
+def reverse_example(rng: random.Random) -> Example:
+    """Reverse a list of 3-5 distinct words."""
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    answer = " ".join(reversed(words))
+    return Example(" ".join(words), f"is {answer}.", f" The list is {answer}.")
+
+
+def max_example(rng: random.Random) -> Example:
+    """Held out: the largest of 3-6 distinct numbers (a sorted list ends with it; no expert is taught this)."""
+    numbers = _number_list(rng, 3, 6)
+    return Example(" ".join(str(n) for n in numbers), str(max(numbers)), f" {max(numbers)}")
+
+
+def en_ja_example(rng: random.Random) -> Example:
+    """Translate one English fact sentence into Japanese (names map by position: Tom = 太郎, ...); exact sentence."""
+    fact = sample_facts(rng, 1)[0]
+    return Example(fact.en(), fact.ja(), " " + fact.ja())
+
+
+def ja_en_example(rng: random.Random) -> Example:
+    """Translate one Japanese fact sentence into English; exact sentence."""
+    fact = sample_facts(rng, 1)[0]
+    return Example(fact.ja(), fact.en(), " " + fact.en())
+
+
+STUDY_EXAMPLES: dict[str, Callable[[random.Random], Example]] = {
+    "toy_en_qa": en_qa_example,
+    "toy_count": count_example,
+    "toy_sort": sort_example,
+    "toy_reverse": reverse_example,
+    "toy_en_ja": en_ja_example,
+    "toy_ja_en": ja_en_example,
+    "toy_max": max_example,
+    "toy_qa_generic": qa_generic_example,
+}
+# Tasks whose gold answer is itself a sentence another task asks about: a held-out row's answer is kept out of
+# training as well as its question (an EN->JA test sentence is never a JA->EN training target, and vice versa).
+TRANSLATION = ("toy_en_ja", "toy_ja_en")
+
+
+def held_out_keys(task: str, example: Example) -> set[str]:
+    return {example.question, example.answer} if task in TRANSLATION else {example.question}
+
+
+def study_task_splits(task: str, seed: int, sizes: dict[str, int], exclude: set[str]) -> dict[str, list[Example]]:
+    """Evaluation splits with no question shared between them, none in `exclude` (e.g. the base's pretraining
+    questions)."""
+    rng = random.Random(f"study/{task}/eval/{seed}")
+    seen = set(exclude)
+    splits: dict[str, list[Example]] = {}
+    for split, size in sizes.items():
+        rows: list[Example] = []
+        while len(rows) < size:
+            example = STUDY_EXAMPLES[task](rng)
+            if example.question not in seen:
+                seen.add(example.question)
+                rows.append(example)
+        splits[split] = rows
+    return splits
+
+
+def study_training_examples(task: str, seed: int, count: int, exclude: set[str]) -> list[Example]:
+    """Fine-tuning pairs for a study task (or a default-zoo task), never touching a held-out question (or, for
+    translation, a held-out sentence on either side)."""
+    if task not in STUDY_EXAMPLES:
+        return corpus.training_examples(task, seed, count, exclude)
+    rng = random.Random(f"study/{task}/train/{seed}")
+    examples: list[Example] = []
+    while len(examples) < count:
+        example = STUDY_EXAMPLES[task](rng)
+        if not held_out_keys(task, example) & exclude:
+            examples.append(example)
+    return examples
+
+
+def instruction_pairs(seed: int, count: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """The 'instruction tune' of the base: generic 2-3-fact reading comprehension in both languages behind the
+    `Q:`/`A:` wrapper the base met in pretraining, as (prompt, completion) pairs with the loss on the answer."""
+    rng = random.Random(f"study/instruct/{seed}")
+    pairs = []
+    while len(pairs) < count:
+        document = corpus.generic_qa_document(rng, exclude)
+        question, answer = document.split("\nA:", 1)
+        pairs.append((question + "\nA:", answer))
+    return pairs

@@ -1,0 +1,270 @@
+"""The study zoo (issue 8): many single-task experts from one base, for "what matters when merging at scale".
+
+Built on the default ("foundation") zoo: its pretrained base is reused as the *plain* base (the foundation is built
+first if it is not cached; nothing about the foundation changes). The study zoo adds
+
+- an *instruction-tuned* base: the plain base after a light generic `Q:`/`A:` reading-comprehension fine-tune;
+- one expert per held-in task from each base kind (`experts/<kind>/<task>`), same steps and learning rate for all;
+- data for every held-in and held-out task (`data/<task>/{search,test}.jsonl`): the foundation's own rows for its
+  tasks (the first `split_sizes` rows of its splits), new rows for the study tasks, none of them in the base's
+  pretraining text, the instruction tune or any expert's training pairs;
+- `zoo_report.json`: every base and expert on every task (test split).
+
+Stages resume like the default zoo's: `<home>/zoo-study-<hash>.partial/`, renamed into place when the report is
+written. The hash covers the study spec and the foundation spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from evomerge.eval.task import load_task
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.zoo import corpus
+from evomerge.zoo.build import ZooSpec, _eval_splits, _save, _stage_done, _write_json, build_zoo
+from evomerge.zoo.report import TaskSuite
+from evomerge.zoo.study_tasks import (
+    STUDY_EXAMPLES,
+    held_out_keys,
+    instruction_pairs,
+    study_task_splits,
+    study_training_examples,
+)
+from evomerge.zoo.train import finetune, mean_tail
+
+STUDY_SPEC_VERSION = 1  # bump when code changes what a study spec builds
+BASE_KINDS = ("plain", "it")
+
+
+@dataclass(frozen=True)
+class StudyZooSpec:
+    """Everything a study zoo is built from; its hash (with the foundation's) names the directory."""
+
+    variant: str = "study"
+    foundation: dict = field(default_factory=dict)  # a ZooSpec as a dict (conf/zoo/full.yaml by default)
+    seed: int = 1
+    held_in: tuple[str, ...] = (
+        "toy_ja_qa", "toy_en_math", "toy_en_qa", "toy_count", "toy_sort", "toy_reverse", "toy_en_ja", "toy_ja_en",
+    )
+    held_out: tuple[str, ...] = ("toy_ja_math", "toy_max", "toy_qa_generic")
+    split_sizes: dict[str, int] = field(default_factory=lambda: {"search": 50, "test": 100})
+    expert_examples: int = 4000
+    expert_steps: int = 300
+    expert_lr: float = 5e-4
+    instruct_examples: int = 4000
+    instruct_steps: int = 200
+    instruct_lr: float = 3e-4
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StudyZooSpec:
+        values = dict(values)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown study zoo setting(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        for key in ("held_in", "held_out"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "foundation" in values:
+            values["foundation"] = dict(values["foundation"])
+        spec = cls(**values)
+        unknown_tasks = [t for t in (*spec.held_in, *spec.held_out) if t not in STUDY_EXAMPLES and t not in corpus.EXAMPLES]
+        if unknown_tasks:
+            raise ValueError(f"study zoo: no generator for task(s) {unknown_tasks}")
+        return spec
+
+    @property
+    def foundation_spec(self) -> ZooSpec:
+        return ZooSpec.from_dict(self.foundation)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["foundation"] = self.foundation_spec.to_dict()
+        return {"study_spec_version": STUDY_SPEC_VERSION, "foundation_hash": self.foundation_spec.hash, **values}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def study_zoo_dir(spec: StudyZooSpec, home: str | Path) -> Path:
+    return Path(home).expanduser() / f"zoo-{spec.variant}-{spec.hash}"
+
+
+def build_study_zoo(spec: StudyZooSpec, home: str | Path) -> Path:
+    """Return the study zoo directory for `spec`, building (and first the foundation zoo) whatever is missing."""
+    final = study_zoo_dir(spec, home)
+    if (final / "zoo_report.json").is_file():
+        return final
+    foundation = build_zoo(spec.foundation_spec, home)
+    work = final.with_name(final.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    timings = {}
+    for stage in (_write_data, _copy_base, _instruct_base, _train_experts):
+        started = time.perf_counter()
+        stage(spec, foundation, work)
+        timings[stage.__name__.strip("_")] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    report = study_report(work, spec)
+    timings["report"] = round(time.perf_counter() - started, 1)
+    report["build_seconds"] = timings
+    (work / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    _write_json(work / "zoo_report.json", report)
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    return final
+
+
+def expert_dir(zoo: Path, kind: str, task: str) -> Path:
+    return zoo / "experts" / kind / task
+
+
+def base_dir(zoo: Path, kind: str) -> Path:
+    return zoo / ("base" if kind == "plain" else f"base_{kind}")
+
+
+# ---- data: evaluation rows never seen in any training text ----
+
+
+def _pretraining_questions(foundation: ZooSpec) -> set[str]:
+    """The generic Q:/A: questions in the foundation base's pretraining text, regenerated exactly (same stream)."""
+    held_out = {e.question for splits in _eval_splits(foundation).values() for rows in splits.values() for e in rows}
+    documents = corpus.pretraining_documents(
+        foundation.seed, foundation.pretrain_documents, foundation.pretrain_qa_fraction, held_out
+    )
+    return {doc[3:].split("\nA:", 1)[0] for doc in documents if doc.startswith("Q: ")}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def evaluation_rows(spec: StudyZooSpec, foundation: Path | None = None) -> dict[str, dict[str, list[dict]]]:
+    """task -> split -> rows. Foundation tasks take the first rows of the foundation zoo's own splits (already kept
+    out of its base's pretraining); study tasks are drawn fresh, avoiding the pretraining questions."""
+    pretraining = _pretraining_questions(spec.foundation_spec)
+    rows: dict[str, dict[str, list[dict]]] = {}
+    for task in (*spec.held_in, *spec.held_out):
+        if task in STUDY_EXAMPLES:
+            splits = study_task_splits(task, spec.seed, spec.split_sizes, pretraining)
+            rows[task] = {split: [e.row() for e in examples] for split, examples in splits.items()}
+        else:
+            assert foundation is not None, f"task {task} comes from the foundation zoo"
+            rows[task] = {}
+            for split, size in spec.split_sizes.items():
+                available = _read_rows(foundation / "data" / task / f"{split}.jsonl")
+                if len(available) < size:
+                    raise ValueError(f"study zoo: foundation split {task}/{split} has {len(available)} rows, {size} asked")
+                rows[task][split] = available[:size]
+    return rows
+
+
+def _held_out_keys(work: Path, spec: StudyZooSpec) -> set[str]:
+    keys: set[str] = set()
+    for task in (*spec.held_in, *spec.held_out):
+        for split in spec.split_sizes:
+            for row in _read_rows(work / "data" / task / f"{split}.jsonl"):
+                keys |= held_out_keys(task, corpus.Example(row["question"], row["answer"], ""))
+    return keys
+
+
+def _write_data(spec: StudyZooSpec, foundation: Path, work: Path) -> None:
+    if (work / "data" / "done").is_file():
+        return
+    for task, splits in evaluation_rows(spec, foundation).items():
+        folder = work / "data" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, rows in splits.items():
+            (folder / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+            )
+    (work / "data" / "done").write_text("")
+
+
+# ---- models ----
+
+
+def _copy_base(spec: StudyZooSpec, foundation: Path, work: Path) -> None:
+    out = work / "base"
+    if _stage_done(out):
+        return
+    tmp = out.with_name("base.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(foundation / "base", tmp)
+    tmp.rename(out)
+
+
+def _instruct_base(spec: StudyZooSpec, foundation: Path, work: Path) -> None:
+    out = base_dir(work, "it")
+    if _stage_done(out):
+        return
+    tokenizer = load_tokenizer(work / "base")
+    pairs = instruction_pairs(spec.seed, spec.instruct_examples, _held_out_keys(work, spec))
+    model = load_model(work / "base")
+    losses = finetune(model, tokenizer, pairs, steps=spec.instruct_steps, batch_size=spec.foundation_spec.batch_size,
+                      lr=spec.instruct_lr, seed=spec.seed, desc="study zoo: instruction tune")
+    _save(model, tokenizer, out, {"final_loss": mean_tail(losses), "task": "generic Q:/A: reading comprehension"})
+
+
+def _train_experts(spec: StudyZooSpec, foundation: Path, work: Path) -> None:
+    exclude = _held_out_keys(work, spec)
+    tokenizer = load_tokenizer(work / "base")
+    for kind in BASE_KINDS:
+        for task_name in spec.held_in:
+            out = expert_dir(work, kind, task_name)
+            if _stage_done(out):
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            task = load_task(task_name, variables={"zoo_dir": str(work)})
+            examples = study_training_examples(task_name, spec.seed, spec.expert_examples, exclude)
+            pairs = [(task.build_prompt(e.question), e.completion) for e in examples]
+            model = load_model(base_dir(work, kind))
+            losses = finetune(model, tokenizer, pairs, steps=spec.expert_steps, batch_size=spec.foundation_spec.batch_size,
+                              lr=spec.expert_lr, seed=spec.seed, desc=f"study zoo: {kind}/{task_name}")
+            _save(model, tokenizer, out, {"final_loss": mean_tail(losses), "task": task_name, "base": kind})
+
+
+def study_report(zoo: Path, spec: StudyZooSpec) -> dict:
+    """Every base and expert on every task, test split: {"kinds": {kind: {"base": scores, "experts": {task: scores}}}}."""
+    suite = TaskSuite(zoo, [*spec.held_in, *spec.held_out], "test")
+    report: dict = {"held_in": list(spec.held_in), "held_out": list(spec.held_out), "kinds": {}}
+    for kind in BASE_KINDS:
+        entry = {"base": suite.scores(load_model(base_dir(zoo, kind)), f"{kind}/base"), "experts": {}}
+        for task in spec.held_in:
+            entry["experts"][task] = suite.scores(load_model(expert_dir(zoo, kind, task)), f"{kind}/{task}")
+        report["kinds"][kind] = entry
+    return report
+
+
+def format_study_report(report: dict) -> str:
+    tasks = [*report["held_in"], *report["held_out"]]
+    header = f"{'model (test split)':<22}" + "".join(f"{t[4:]:>10}" for t in tasks)
+    lines = [header, "-" * len(header)]
+    for kind, entry in report["kinds"].items():
+        rows = {f"{kind}/base": entry["base"], **{f"{kind}/{t[4:]}": s for t, s in entry["experts"].items()}}
+        for name, scores in rows.items():
+            lines.append(f"{name:<22}" + "".join(f"{scores[t]['score']:>10.3f}" for t in tasks))
+    return "\n".join(lines)
+
+
+CONF_ZOO = Path(__file__).resolve().parents[2] / "conf" / "zoo"
+
+
+def load_study_zoo_spec(values: dict) -> StudyZooSpec:
+    """A study zoo spec from its YAML values; `foundation` may name a default-zoo config (`full` = conf/zoo/full.yaml)."""
+    import yaml
+
+    values = dict(values)
+    if isinstance(values.get("foundation"), str):
+        values["foundation"] = yaml.safe_load((CONF_ZOO / f"{values['foundation']}.yaml").read_text())
+    return StudyZooSpec.from_dict(values)
