@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evomerge.pool import resolve_pool
 from evomerge.search import ps
+from evomerge.search.executor import make_executor
 from evomerge.search.plots import plot_fitness
 from evomerge.search.run import Budget, SearchError, load_checkpoint, run_search, write_json_atomic
 
@@ -50,7 +52,12 @@ def search_command(cfg: DictConfig) -> dict:
     if load_checkpoint(run_dir) is not None:
         print(f"resuming the search in {run_dir}")
     budget = Budget(int(cfg.search.generations), cfg.search.max_seconds, cfg.search.max_evaluations)
-    result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget, progress=cfg.progress)
+    executor = make_executor(cfg, problem, functools.partial(ps.make_problem, cfg, pool))
+    try:
+        result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget,
+                            executor=executor, progress=cfg.progress)
+    finally:
+        executor.close()
     best = problem.decode(np.asarray(result.best["genome"]))
     objective = cfg.search.objectives[0]
     plot_fitness(result.history, run_dir / "fitness.png", objective)
