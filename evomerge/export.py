@@ -7,6 +7,9 @@ name prefix such as ``model.layers.1.``, an embedding's full name) and checked t
 group's tensors; the head group, evomerge's catch-all, is the entry without a filter.  Where mergekit
 cannot do what evomerge did (DARE's random masks, row-wise slerp, no Fisher/RegMean), the config is the
 closest one and carries ``# note:`` lines -- and `export` warns -- saying what differs.
+
+A data-flow (DFS) recipe exports as its YAML and a path-model directory (each used block stored once, plus
+the hops; `evomerge.modelio.load_model` walks it); mergekit has no input-scaled layer paths, so no config.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from evomerge.merge import MergeError
 from evomerge.merge.groups import assign_groups, tensor_place
 from evomerge.merge.stream import merge_to_disk, model_card, move_into_place
 from evomerge.modelio import CheckpointReader
-from evomerge.recipe import PSRecipe
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.pathmodel import recipe_path_model, save_path_model
+from evomerge.recipe import DFSRecipe, PSRecipe, load_recipe
 
 RUN_RECIPE = "best_recipe.yaml"
+DFS_RUN_RECIPE = "chosen_recipe.yaml"  # a DFS run exports its chosen point (best within the path-length limit)
 RUN_REPORT = "report.json"
 _NO_MERGEKIT_TWIN = ("fisher", "regmean")  # exported as the weighted average evomerge falls back to
 
@@ -219,14 +225,17 @@ class Scores:
     caption: str
 
 
-def load_run(run_dir: Path) -> tuple[PSRecipe, Scores | None]:
-    """A search run's best recipe and, when its report scores that same recipe, the best row's test metrics."""
+def load_run(run_dir: Path) -> tuple[PSRecipe | DFSRecipe, Scores | None]:
+    """A search run's result and, when its report scores that same recipe, its test metrics: the best recipe of
+    a PS run, the chosen path of a DFS run, the chosen path of a PS+DFS run (in its `dfs/` stage)."""
     if not run_dir.is_dir():
         raise ExportError(f"run directory {run_dir} does not exist")
-    recipe_path = run_dir / RUN_RECIPE
-    if not recipe_path.is_file():
+    for recipe_path in (run_dir / DFS_RUN_RECIPE, run_dir / "dfs" / DFS_RUN_RECIPE, run_dir / RUN_RECIPE):
+        if recipe_path.is_file():
+            break
+    else:
         raise ExportError(f"{run_dir} has no {RUN_RECIPE}: not a search run directory, or no generation finished yet")
-    recipe = PSRecipe.load(recipe_path)
+    recipe = load_recipe(recipe_path)
     report_path = run_dir / RUN_REPORT
     if not report_path.is_file():
         warnings.warn(f"{run_dir} has no {RUN_REPORT} (the search did not reach its test report); "
@@ -236,7 +245,8 @@ def load_run(run_dir: Path) -> tuple[PSRecipe, Scores | None]:
         report = json.loads(report_path.read_text())
     except json.JSONDecodeError as error:
         raise ExportError(f"{report_path} is not valid JSON: {error}") from error
-    best = next((row for row in report.get("rows", []) if row.get("kind") == "best"), None)
+    kind = "best" if isinstance(recipe, PSRecipe) else report.get("search", {}).get("kind")
+    best = next((row for row in report.get("rows", []) if row.get("kind") == kind), None)
     if best is None or best.get("recipe_hash", recipe.hash) != recipe.hash:
         what = "has no best row" if best is None else f"scores recipe {best['recipe_hash']}, not {recipe.hash}"
         warnings.warn(f"{report_path} {what}; the model card has no scores", ExportWarning, stacklevel=3)
@@ -257,18 +267,21 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     if source.is_dir():
         recipe, scores = load_run(source)
     elif source.is_file():
-        recipe, scores = PSRecipe.load(source), None
+        recipe, scores = load_recipe(source), None
     else:
         raise ExportError(f"{source} is neither a run directory nor a recipe file")
     if out.exists() and not overwrite:
         raise ExportError(f"output {out} already exists; pass overwrite=true to replace it")
-    mergekit_text, notes = mergekit_yaml(recipe)
+    mergekit_text, notes = mergekit_yaml(recipe) if isinstance(recipe, PSRecipe) else (None, [])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         recipe.save(staging / "recipe.yaml")
-        (staging / "mergekit.yaml").write_text(mergekit_text)
-        model = merge_to_disk(recipe, staging / "model")
+        if mergekit_text is not None:
+            (staging / "mergekit.yaml").write_text(mergekit_text)
+            model = merge_to_disk(recipe, staging / "model")
+        else:
+            model = export_path_model(recipe, staging / "model")
         if scores is not None:
             (model / "README.md").write_text(model_card(recipe, scores.metrics, scores.caption))
         move_into_place(staging, out)
@@ -277,6 +290,14 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         raise
     for note in notes:
         warnings.warn(f"mergekit.yaml is not exact: {note}", ExportWarning, stacklevel=2)
+    return out
+
+
+def export_path_model(recipe: DFSRecipe, out: Path) -> Path:
+    """The recipe's path model over its sources, saved with each used block once, plus its tokenizer."""
+    sources = [load_model(path) for path in recipe.models]
+    save_path_model(recipe_path_model(recipe, sources), out, {"recipe": recipe.to_dict()})
+    load_tokenizer(recipe.models[recipe.embed_from]).save_pretrained(out)
     return out
 
 
@@ -299,5 +320,5 @@ def export_command(cfg: DictConfig) -> Path:
             print(f"evomerge export: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    print(f"exported {written}: recipe.yaml, mergekit.yaml, model/")
+    print(f"exported {written}: {', '.join(sorted(p.name + ('/' if p.is_dir() else '') for p in written.iterdir()))}")
     return written

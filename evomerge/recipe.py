@@ -299,3 +299,143 @@ class PSRecipe:
     def hash(self) -> str:
         """First 12 hex digits of the SHA-256 of the canonical YAML: equal for recipes that mean the same merge."""
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a layer path: block `layer` of pool model `model`, its input multiplied by `scale`."""
+
+    model: int
+    layer: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class DFSRecipe:
+    """A data-flow-space recipe (EvoLLM's DFS): which blocks of which models run, in what order, at what scale.
+
+    The M blocks of all models, laid out in order (model 1's, then model 2's, ...), are repeated `repeats`
+    times: T = M x repeats slots, and `include[t]` says whether slot t's block runs. When block j runs right
+    after block i, its input is multiplied by `scales[i][j]` (the first block's input is not scaled).
+    Embeddings, final norm and head come from `models[embed_from]`. Only the resulting path defines the
+    model, so recipes that differ in unused slots or scales share a `hash`.
+    """
+
+    models: tuple[str, ...]
+    layers: tuple[int, ...]  # blocks per model
+    repeats: int
+    include: tuple[bool, ...]
+    scales: tuple[tuple[float, ...], ...]  # M x M, indexed by global block number
+    embed_from: int = 0
+
+    kind: ClassVar[str] = "dfs"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, (str, Path)) or not self.models:
+            raise RecipeError("a DFS recipe needs a list of one or more models")
+        object.__setattr__(self, "models", tuple(str(model) for model in self.models))
+        if len(self.layers) != len(self.models) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                        for n in self.layers):
+            raise RecipeError(f"layers must give a positive block count per model ({len(self.models)}), got "
+                              f"{list(self.layers)}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise RecipeError(f"repeats must be a positive integer, got {self.repeats!r}")
+        if len(self.include) != self.slots:
+            raise RecipeError(f"include has {len(self.include)} entries; {self.blocks} blocks x {self.repeats} "
+                              f"repeats make {self.slots} slots")
+        object.__setattr__(self, "include", tuple(bool(flag) for flag in self.include))
+        if len(self.scales) != self.blocks or any(len(row) != self.blocks for row in self.scales):
+            raise RecipeError(f"scales must be a {self.blocks} x {self.blocks} matrix (one row and column per block)")
+        object.__setattr__(self, "scales", tuple(
+            tuple(_number(value, f"scales[{i}][{j}]") for j, value in enumerate(row))
+            for i, row in enumerate(self.scales)
+        ))
+        if isinstance(self.embed_from, bool) or self.embed_from not in range(len(self.models)):
+            raise RecipeError(f"embed_from must index one of the {len(self.models)} models, got {self.embed_from!r}")
+
+    @property
+    def blocks(self) -> int:
+        return sum(self.layers)
+
+    @property
+    def slots(self) -> int:
+        return self.blocks * self.repeats
+
+    def block(self, index: int) -> tuple[int, int]:
+        """(model, layer) of global block `index`."""
+        for model, count in enumerate(self.layers):
+            if index < count:
+                return model, index
+            index -= count
+        raise IndexError(index)
+
+    @property
+    def path(self) -> tuple[Hop, ...]:
+        hops, previous = [], None
+        for slot, included in enumerate(self.include):
+            if not included:
+                continue
+            current = slot % self.blocks
+            scale = 1.0 if previous is None else self.scales[previous][current]
+            hops.append(Hop(*self.block(current), scale))
+            previous = current
+        return tuple(hops)
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "models": list(self.models),
+            "layers": list(self.layers),
+            "repeats": self.repeats,
+            "embed_from": self.embed_from,
+            "include": [int(flag) for flag in self.include],
+            "scales": [list(row) for row in self.scales],
+            "path": [[hop.model, hop.layer, hop.scale] for hop in self.path],  # derived; for readers
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DFSRecipe:
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe must be a mapping, got {type(data).__name__}")
+        if data.get("kind") != cls.kind:
+            raise RecipeError(f"not a data-flow recipe: kind is {data.get('kind')!r}, expected {cls.kind!r}")
+        required = {"models", "layers", "repeats", "include", "scales"}
+        missing = required - set(data)
+        if missing:
+            raise RecipeError(f"DFS recipe is missing {sorted(missing)}")
+        unknown = set(data) - required - {"kind", "embed_from", "path"}
+        if unknown:
+            raise RecipeError(f"DFS recipe has unknown key(s) {sorted(unknown)}")
+        return cls(tuple(data["models"]), tuple(data["layers"]), data["repeats"], tuple(data["include"]),
+                   tuple(tuple(row) for row in data["scales"]), data.get("embed_from", 0))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DFSRecipe:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+    @property
+    def hash(self) -> str:
+        """Of the models, the embedding owner and the path -- what the model computes."""
+        effective = {"kind": self.kind, "models": list(self.models), "embed_from": self.embed_from,
+                     "path": [[hop.model, hop.layer, hop.scale] for hop in self.path]}
+        return hashlib.sha256(yaml.safe_dump(effective).encode()).hexdigest()[:12]
+
+
+def load_recipe(path: str | Path) -> PSRecipe | DFSRecipe:
+    """A recipe file of either kind (its `kind` key says which; parameter-space when absent)."""
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, Mapping) and data.get("kind") == DFSRecipe.kind:
+        return DFSRecipe.from_dict(data)
+    return PSRecipe.from_dict(data)

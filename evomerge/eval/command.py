@@ -21,7 +21,8 @@ from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PADDING
 from evomerge.eval.task import load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
-from evomerge.recipe import PSRecipe
+from evomerge.pathmodel import recipe_path_model
+from evomerge.recipe import PSRecipe, load_recipe
 
 TASK_VARIABLES = ("zoo_dir", "mgsm_dir")
 
@@ -36,9 +37,13 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
     task = load_task(task_name, _task_variables(cfg))
 
     if recipe_path is not None:  # merged in memory, never written to disk
-        recipe = PSRecipe.load(recipe_path)
-        model_path = recipe.base or recipe.models[0]
-        model = InMemoryMerger(recipe.base, recipe.models).merge(recipe).to(cfg.get("device") or "cpu")
+        recipe = load_recipe(recipe_path)
+        if isinstance(recipe, PSRecipe):
+            model_path = recipe.base or recipe.models[0]
+            model = InMemoryMerger(recipe.base, recipe.models).merge(recipe).to(cfg.get("device") or "cpu")
+        else:  # a layer path over its source models
+            model_path = recipe.models[recipe.embed_from]
+            model = recipe_path_model(recipe, [load_model(path, device=cfg.get("device") or "cpu") for path in recipe.models])
     else:
         model = load_model(model_path, cfg.get("dtype") or "float32", cfg.get("device") or "cpu")
     tokenizer = load_tokenizer(model_path)

@@ -6,6 +6,7 @@ complete; on any error the temporary directory is removed and ``out`` is left as
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -91,6 +92,23 @@ def _check_configs(paths: Sequence[str]) -> None:
                     f"model {path} has {what} {config[key]!r} but {reference_path} has {reference[key]!r}; "
                     "only models of one architecture and vocabulary can be merged"
                 )
+        vocabulary, reference_vocabulary = _tokenizer_vocabulary(path), _tokenizer_vocabulary(reference_path)
+        if vocabulary is not None and reference_vocabulary is not None and vocabulary != reference_vocabulary:
+            raise MergeError(
+                f"model {path} has a different tokenizer from {reference_path} (tokenizer.json vocabularies "
+                "differ): a merge would mix embeddings of different tokens"
+            )
+
+
+def _tokenizer_vocabulary(path: str) -> dict | None:
+    """The token -> id map of a checkpoint's tokenizer.json (with its added tokens), or None if it has none."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text(encoding="utf-8"))
+    vocabulary = dict((data.get("model") or {}).get("vocab") or {})
+    vocabulary.update({token["content"]: token["id"] for token in data.get("added_tokens") or []})
+    return vocabulary
 
 
 def _check_tensors(paths: Sequence[str], readers: Sequence[CheckpointReader]) -> None:
@@ -210,11 +228,12 @@ def model_card(recipe: PSRecipe, scores: Mapping[str, object] | None = None, sco
     """README for a merged model: method, sources and the full recipe; ``scores`` (metric -> value, e.g. the
     search's test metrics) adds a table under ``scores_caption`` saying where they come from."""
     sources = "\n".join(f"- `{model}`" for model in recipe.models)
-    base = f"`{recipe.base}`" if recipe.base else "none"
-    card = (
-        f"---\ntags: [merge, evomerge]\n---\n\n# evomerge merge {recipe.hash}\n\n"
-        f"Merged with **{recipe.method}** by evomerge. Base: {base}.\n\nModels:\n{sources}\n\n"
-    )
+    if recipe.kind == "ps":
+        how = f"Merged with **{recipe.method}** by evomerge. Base: {f'`{recipe.base}`' if recipe.base else 'none'}."
+    else:
+        how = (f"A **layer path** of {len(recipe.path)} blocks (data-flow merge) by evomerge; embeddings and head "
+               f"from model {recipe.embed_from}. Load it with `evomerge.modelio.load_model`.")
+    card = f"---\ntags: [merge, evomerge]\n---\n\n# evomerge merge {recipe.hash}\n\n{how}\n\nModels:\n{sources}\n\n"
     if scores:
         rows = "".join(f"| {metric} | {value:.4f} |\n" if isinstance(value, float) else f"| {metric} | {value} |\n"
                        for metric, value in scores.items())

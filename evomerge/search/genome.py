@@ -1,8 +1,8 @@
-"""Parameter-space genomes: a point in the unit box [0, 1]^D decodes to a `PSRecipe`.
+"""Genomes: a point in the unit box [0, 1]^D decodes to a recipe; this module owns what each coordinate means.
 
-The optimizer only ever sees unit-box vectors; this module owns what each coordinate means. Coordinates run
-group by group, and within a group model by model, through the method's per-model values (weight, then density),
-so `describe()` names every dimension for logs and plots.
+Parameter space (`PSGenomeSpace` -> `PSRecipe`): coordinates run group by group, and within a group model by
+model, through the method's per-model values (weight, then density), so `describe()` names every dimension.
+Data-flow space (`DFSGenomeSpace` -> `DFSRecipe`): T slot indicators (0 or 1), then the M x M scaling matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.merge import MergeError
-from evomerge.recipe import METHODS, GroupValues, PSRecipe
+from evomerge.recipe import METHODS, DFSRecipe, GroupValues, PSRecipe
 
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 
@@ -106,3 +106,72 @@ class PSGenomeSpace:
     def _scale(self, key: str, unit: float) -> float:
         low, high = self.ranges[key]
         return round(low + unit * (high - low), 6)  # 6 digits: short YAML, stable hashes
+
+
+@dataclass(frozen=True)
+class DFSGenomeSpace:
+    """Layer paths over `models` (with `layers` blocks each): T = M x `repeats` indicator coordinates
+    (>= 0.5 includes the slot), then M x M scale coordinates mapped linearly onto `scale_range`."""
+
+    models: tuple[str, ...]
+    layers: tuple[int, ...]
+    repeats: int
+    embed_from: int = 0
+    scale_range: tuple[float, float] = (0.0, 2.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.scale_range
+        if not low <= 1.0 <= high:
+            raise MergeError(f"search.scale_range [{low}, {high}] must contain 1 (a block's input unchanged)")
+        self.decode(np.full(self.dim, 0.5))  # validates models, layers, repeats and embed_from once
+
+    @property
+    def blocks(self) -> int:
+        return sum(self.layers)
+
+    @property
+    def slots(self) -> int:
+        return self.blocks * self.repeats
+
+    @property
+    def dim(self) -> int:
+        return self.slots + self.blocks**2
+
+    def describe(self) -> list[str]:
+        return [f"include/{t}" for t in range(self.slots)] + [
+            f"scale/{i}/{j}" for i in range(self.blocks) for j in range(self.blocks)
+        ]
+
+    def decode(self, genome: Sequence[float]) -> DFSRecipe:
+        x = np.asarray(genome, dtype=float)
+        if x.shape != (self.dim,):
+            raise MergeError(f"genome has shape {x.shape}, this space has {self.dim} dimensions")
+        low, high = self.scale_range
+        units = np.clip(x[self.slots:], 0.0, 1.0).reshape(self.blocks, self.blocks)
+        scales = tuple(tuple(round(low + u * (high - low), 6) for u in row) for row in units.tolist())
+        include = tuple(bool(v >= 0.5) for v in x[: self.slots].tolist())
+        return DFSRecipe(self.models, self.layers, self.repeats, include, scales, self.embed_from)
+
+    def unit_scale(self) -> float:
+        low, high = self.scale_range
+        return 0.5 if high == low else (1.0 - low) / (high - low)
+
+    def model_path(self, model: int) -> np.ndarray:
+        """The genome of `model` on its own: its blocks in order in the first repeat, every scale 1."""
+        genome = np.concatenate([np.zeros(self.slots), np.full(self.blocks**2, self.unit_scale())])
+        start = sum(self.layers[:model])
+        genome[start : start + self.layers[model]] = 1.0
+        return genome
+
+    def initial_population(self, size: int, seed: int, include_probability: float) -> list[np.ndarray]:
+        """Each model's own path first, then random paths (each slot in with `include_probability`), all with
+        scales 1: the search starts from working models and varies the path before the scales."""
+        if not 0 < include_probability <= 1:
+            raise MergeError(f"search.include_probability must be in (0, 1], got {include_probability}")
+        rng = np.random.default_rng(seed)
+        population = [self.model_path(m) for m in range(len(self.models))][:size]
+        while len(population) < size:
+            indicators = (rng.random(self.slots) < include_probability).astype(float)
+            if indicators.any():
+                population.append(np.concatenate([indicators, np.full(self.blocks**2, self.unit_scale())]))
+        return population

@@ -1,4 +1,4 @@
-"""Optimizers behind one ask/tell interface. Nothing else in evomerge knows which library is underneath.
+"""Optimizers behind one ask/tell interface (pycma's CMA-ES, pymoo's NSGA-II). Nothing else in evomerge knows which library is underneath.
 
 All of them maximise: `tell` takes fitness values where higher is better (one per objective), and each
 optimizer converts to its library's convention. They are deterministic given their seed, and keep their random
@@ -14,6 +14,12 @@ from typing import Protocol
 
 import cma
 import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2 as _PymooNSGA2
+from pymoo.core.mixed import MixedVariableDuplicateElimination, MixedVariableMating
+from pymoo.core.population import Population
+from pymoo.core.problem import Problem as _PymooProblem
+from pymoo.core.termination import NoTermination
+from pymoo.core.variable import Binary, Real
 
 
 class Optimizer(Protocol):
@@ -75,3 +81,52 @@ class CMAES:
 
     def done(self) -> bool:
         return bool(self._es.stop())
+
+
+class NSGA2:
+    """pymoo's NSGA-II over genomes whose first `n_binary` coordinates are 0/1 and the rest unit-box reals,
+    with pymoo's mixed-variable operators (uniform crossover and bit flips on the binaries, SBX and polynomial
+    mutation on the reals). All objectives maximised; `initial` is the first population."""
+
+    def __init__(self, n_binary: int, n_real: int, n_objectives: int, *, seed: int, popsize: int,
+                 initial: Sequence[np.ndarray]):
+        if len(initial) != popsize:
+            raise ValueError(f"NSGA-II needs an initial population of {popsize}, got {len(initial)}")
+        self.dim = n_binary + n_real
+        self._keys = [f"b{i}" for i in range(n_binary)] + [f"r{i}" for i in range(n_real)]
+        self._binary = set(self._keys[:n_binary])
+        variables = {key: Binary() if key in self._binary else Real(bounds=(0.0, 1.0)) for key in self._keys}
+        self._problem = _PymooProblem(vars=variables, n_obj=n_objectives)
+        self._rng = _PrivateNumpyRandom(seed)
+        duplicates = MixedVariableDuplicateElimination()
+        self._algorithm = _PymooNSGA2(
+            pop_size=popsize,
+            sampling=Population.new(X=np.array([self._to_pymoo(g) for g in initial], dtype=object)),
+            mating=MixedVariableMating(eliminate_duplicates=duplicates),
+            eliminate_duplicates=duplicates,
+        )
+        with self._rng.active():
+            self._algorithm.setup(self._problem, termination=NoTermination(), seed=seed, verbose=False)
+        self._asked = None
+
+    def _to_pymoo(self, genome: np.ndarray) -> dict:
+        return {key: bool(value >= 0.5) if key in self._binary else float(value) for key, value in zip(self._keys, genome)}
+
+    def _from_pymoo(self, x: dict) -> np.ndarray:
+        return np.array([float(x[key]) for key in self._keys])
+
+    def ask(self) -> list[np.ndarray]:
+        with self._rng.active():
+            self._asked = self._algorithm.ask()
+        return [self._from_pymoo(x) for x in self._asked.get("X")]
+
+    def tell(self, genomes: Sequence[np.ndarray], fitness: Sequence[Sequence[float]]) -> None:
+        if self._asked is None or len(genomes) != len(self._asked):
+            raise ValueError("tell() must follow ask() with one fitness per asked genome")
+        self._asked.set("F", -np.asarray(fitness, dtype=float))  # pymoo minimises
+        with self._rng.active():
+            self._algorithm.tell(infills=self._asked)
+        self._asked = None
+
+    def done(self) -> bool:
+        return False  # the run's budget decides

@@ -11,11 +11,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
-from evomerge.eval.task import load_task
+from evomerge.eval.task import check_objectives, load_task
+from evomerge.merge import MergeError
 from evomerge.merge.command import recipe_from_merge_config
 from evomerge.merge.groups import count_blocks, group_names
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
+from evomerge.pathmodel import path_length, unique_parameters
 from evomerge.pool import Pool
 from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, PSRecipe
 from evomerge.search.genome import PSGenomeSpace
@@ -54,7 +56,12 @@ def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
     spec = METHODS[method]
     parameters = {k: v for k, v in merge.items() if k not in spec.per_model + spec.per_group}
     k = int(cfg.search.layer_groups)
-    groups = group_names(count_blocks(tensor_names), max(k, 1))
+    try:
+        if k < 0:
+            raise MergeError("use 0 (one value set) or a number of block ranges")
+        groups = group_names(count_blocks(tensor_names), max(k, 1))
+    except MergeError as error:
+        raise MergeError(f"search.layer_groups={k} does not fit the models: {error}") from None
     return PSGenomeSpace(
         method=method,
         base=pool.base if spec.needs_base else None,
@@ -71,6 +78,7 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
     merger = InMemoryMerger(pool.base, pool.models)
     space = genome_space(cfg, pool, merger.names)
     task = load_task(cfg.task.name, pool.variables)
+    check_objectives(cfg.search.objectives, task)
     evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
                           max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
     problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
@@ -109,7 +117,8 @@ def held_out_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: P
 
     def add(name: str, kind: str, model, key: str, recipe: PSRecipe | None = None) -> None:
         metrics = evaluator.evaluate(model, model_key=key).metrics
-        row = {"name": name, "kind": kind, "metrics": {"fitness": metrics[objective], **metrics}}
+        row = {"name": name, "kind": kind, "params": unique_parameters(model), "path_length": path_length(model),
+               "metrics": {"fitness": metrics[objective], **metrics}}
         if recipe is not None:
             row["recipe_hash"] = recipe.hash
         rows.append(row)
@@ -123,13 +132,16 @@ def held_out_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: P
 
 
 def format_rows(report: dict[str, Any]) -> str:
-    """One line per row: the fitness, then each component's score (composite tasks) or acc / acc_ja / ja_rate."""
+    """One line per row: the fitness, then each component's score (composite tasks) or acc / acc_ja / ja_rate,
+    then the parameters and blocks run per token."""
     metrics = report["rows"][0]["metrics"]
     columns = [k for k in metrics if k.endswith("/score")] or ["acc", "acc_ja", "ja_rate"]
-    header = f"{'model':<26}{'kind':<10}{'fitness':>9}" + "".join(f"{c:>20}" for c in columns)
+    header = (f"{'model':<26}{'kind':<10}{'fitness':>9}" + "".join(f"{c:>20}" for c in columns)
+              + f"{'params':>11}{'path':>6}")
     lines = [f"{report['task']} on the {report['split']} split (fitness = {report['objective']})", header,
              "-" * len(header)]
     for row in report["rows"]:
         m = row["metrics"]
-        lines.append(f"{row['name']:<26}{row['kind']:<10}{m['fitness']:>9.3f}" + "".join(f"{m[c]:>20.3f}" for c in columns))
+        lines.append(f"{row['name']:<26}{row['kind']:<10}{m['fitness']:>9.3f}" + "".join(f"{m[c]:>20.3f}" for c in columns)
+                     + f"{row['params']:>11,}{row['path_length']:>6}")
     return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Data-flow-space search (EvoLLM's DFS): NSGA-II over layer paths through the pool models' blocks.
+
+The pool's models (not its base) stay resident; each candidate is a path model over their blocks (no copies),
+scored on the task's search split. Objectives are metric names, maximised, "-" minimising: by default the
+task score against `path_fraction` (path length / T, the inference cost). After the search, the Pareto front
+of everything evaluated is written, and the chosen point -- the best primary objective among paths no longer
+than `search.max_path_length` -- is scored on the test split beside the sources.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+from transformers import PreTrainedModel
+
+from evomerge.eval.evaluator import Evaluator, ResultCache
+from evomerge.eval.task import load_task
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.pathmodel import path_length, recipe_path_model, unique_parameters
+from evomerge.pool import Pool
+from evomerge.recipe import DFSRecipe
+from evomerge.search.genome import DFSGenomeSpace
+from evomerge.search.optimizer import NSGA2
+from evomerge.search.run import SearchError
+
+
+class DFSProblem:
+    """Genome -> layer path -> path model over the resident sources -> metrics on the search split."""
+
+    def __init__(self, space: DFSGenomeSpace, sources: Sequence[PreTrainedModel], evaluator: Evaluator,
+                 objectives: tuple[str, ...]):
+        self.space = space
+        self.sources = list(sources)
+        self.evaluator = evaluator
+        self.objectives = objectives
+
+    def decode(self, genome) -> DFSRecipe:
+        return self.space.decode(genome)
+
+    def model(self, recipe: DFSRecipe) -> PreTrainedModel:
+        return recipe_path_model(recipe, self.sources)
+
+    def evaluate(self, recipe: DFSRecipe) -> tuple[dict[str, Any], dict[str, float]]:
+        started = time.perf_counter()
+        model = self.model(recipe)
+        built = time.perf_counter()
+        metrics = dict(self.evaluator.evaluate(model, model_key=recipe.hash).metrics)
+        metrics.update(path_length=path_length(model), path_fraction=round(path_length(model) / self.space.slots, 6))
+        return metrics, {"merge": round(built - started, 4), "eval": round(time.perf_counter() - built, 4)}
+
+
+def load_sources(cfg: DictConfig, models: Sequence[str]) -> list[PreTrainedModel]:
+    return [load_model(path, dtype=cfg.dtype, device=cfg.device) for path in models]
+
+
+def genome_space(cfg: DictConfig, models: Sequence[str], sources: Sequence[PreTrainedModel]) -> DFSGenomeSpace:
+    search = cfg.search
+    if not 0 <= search.embed_from < len(models):
+        raise SearchError(f"search.embed_from={search.embed_from}: the pool has {len(models)} models (0-based)")
+    return DFSGenomeSpace(
+        models=tuple(models),
+        layers=tuple(int(model.config.num_hidden_layers) for model in sources),
+        repeats=int(search.repeats),
+        embed_from=int(search.embed_from),
+        scale_range=tuple(search.scale_range),
+    )
+
+
+def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
+    """The problem over the pool's models (in order; the PS+DFS pipeline puts the PS winner first)."""
+    search = cfg.search
+    if search.repeats < 1:
+        raise SearchError(f"search.repeats={search.repeats}: a layer path needs at least one repeat of the blocks")
+    if search.popsize < 2:
+        raise SearchError(f"search.popsize={search.popsize}: NSGA-II needs a population of at least 2")
+    if search.max_path_length is not None and search.max_path_length < 1:
+        raise SearchError(f"search.max_path_length={search.max_path_length}: must be at least 1 block (or null)")
+    minimised = [name for name in search.objectives if name.startswith("-")]
+    if search.objectives[0] in minimised:
+        raise SearchError(f"search.objectives[0]={search.objectives[0]!r}: the primary objective is maximised")
+    sources = load_sources(cfg, pool.models)
+    space = genome_space(cfg, pool.models, sources)
+    task = load_task(cfg.task.name, pool.variables)
+    tokenizer = load_tokenizer(pool.tokenizer_source)
+    evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
+                          max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
+    problem = DFSProblem(space, sources, evaluator, tuple(search.objectives))
+    initial = space.initial_population(int(search.popsize), int(search.seed), float(search.include_probability))
+    optimizer = lambda: NSGA2(space.slots, space.blocks**2, len(search.objectives), seed=int(search.seed),  # noqa: E731
+                              popsize=int(search.popsize), initial=initial)
+    return problem, optimizer
+
+
+def pareto_front(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The non-dominated successful candidates (each recipe once), ordered by the primary objective."""
+    unique = {}
+    for entry in entries:
+        if entry["error"] is None and not entry["cached"]:
+            unique.setdefault(entry["recipe_hash"], entry)
+    candidates = list(unique.values())
+    if not candidates:
+        return []
+    fitness = -np.asarray([entry["fitness"] for entry in candidates])  # pymoo's sorting minimises
+    front = NonDominatedSorting().do(fitness, only_non_dominated_front=True)
+    return sorted((candidates[i] for i in front), key=lambda e: (-e["fitness"][0], e["metrics"]["path_length"]))
+
+
+def choose(front: Sequence[dict[str, Any]], max_path_length: int | None) -> dict[str, Any]:
+    """The best primary objective among paths within the length limit (shorter, then earlier, on ties)."""
+    allowed = [e for e in front if max_path_length is None or e["metrics"]["path_length"] <= max_path_length]
+    if not allowed:
+        raise SearchError(f"no path on the Pareto front is at most search.max_path_length={max_path_length} long; "
+                          f"the shortest is {min(e['metrics']['path_length'] for e in front)}")
+    return min(allowed, key=lambda e: (-e["fitness"][0], e["metrics"]["path_length"], e["index"]))
+
+
+def front_summary(front: Sequence[dict[str, Any]], objectives: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"index": e["index"], "recipe_hash": e["recipe_hash"], "fitness": e["fitness"],
+             "objectives": list(objectives), "path_length": e["metrics"]["path_length"],
+             "metrics": {k: v for k, v in e["metrics"].items() if isinstance(v, (int, float))}}
+            for e in front]
+
+
+def held_out_rows(cfg: DictConfig, pool: Pool, problem: DFSProblem, chosen: DFSRecipe, kind: str,
+                  name: str) -> list[dict[str, Any]]:
+    """The pool's models and the chosen path on the test split, each with parameters and path length."""
+    tokenizer = load_tokenizer(pool.tokenizer_source)
+    task = load_task(cfg.task.name, pool.variables)
+    evaluator = Evaluator(task, "test", tokenizer, batch_size=cfg.task.batch_size,
+                          max_new_tokens=cfg.task.max_new_tokens, progress=False)
+    objective = cfg.search.objectives[0]
+    rows = []
+    models = [(label, "source", source, f"source:{path}", None)
+              for label, path, source in zip(pool.names, pool.models, problem.sources)]
+    models.append((name, kind, problem.model(chosen), chosen.hash, chosen))
+    for label, row_kind, model, key, recipe in models:
+        metrics = evaluator.evaluate(model, model_key=key).metrics
+        row = {"name": label, "kind": row_kind, "params": unique_parameters(model), "path_length": path_length(model),
+               "metrics": {"fitness": metrics[objective], **metrics}}
+        if recipe is not None:
+            row["recipe_hash"] = recipe.hash
+        rows.append(row)
+    return rows

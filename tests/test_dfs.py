@@ -1,0 +1,235 @@
+"""Data-flow-space search: recipes, genomes, the path model over resident blocks, NSGA-II, the search and
+the PS+DFS pipeline on the micro zoo, export and loading back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.cli import main
+from evomerge.modelio import load_model, load_tokenizer
+from evomerge.pathmodel import (
+    HopLayer,
+    PathModelError,
+    build_path_model,
+    load_path_model,
+    recipe_path_model,
+    save_path_model,
+    unique_parameters,
+)
+from evomerge.recipe import DFSRecipe, Hop, RecipeError, load_recipe
+from evomerge.search.dfs import choose, pareto_front
+from evomerge.search.genome import DFSGenomeSpace
+from evomerge.search.optimizer import NSGA2
+
+PROMPTS = ["問題：太郎はりんごを3個持っています。", "Question: Tom has 12 apples.\nAnswer:"]
+
+
+def _recipe(include, blocks=4, scales=None, **kwargs) -> DFSRecipe:
+    scales = scales if scales is not None else [[1.0] * blocks for _ in range(blocks)]
+    return DFSRecipe(("a", "b"), (blocks // 2, blocks // 2), max(1, len(include) // blocks), tuple(include), scales, **kwargs)
+
+
+def test_recipe_path_walks_slots_with_the_scale_of_each_transition():
+    scales = [[1.0, 0.5, 0.7, 0.9], [1.1, 1.0, 1.2, 1.3], [1.4, 1.5, 1.0, 1.6], [1.7, 1.8, 1.9, 1.0]]
+    recipe = _recipe([1, 0, 1, 0, 0, 1, 0, 1], scales=scales)  # slots 0, 2 | 5 (= block 1), 7 (= block 3)
+    assert recipe.path == (Hop(0, 0, 1.0), Hop(1, 0, 0.7), Hop(0, 1, 1.5), Hop(1, 1, 1.3))
+    assert recipe.slots == 8 and recipe.blocks == 4
+
+
+def test_recipe_hash_depends_only_on_the_path_and_yaml_round_trips(tmp_path):
+    a = _recipe([1, 1, 0, 0, 0, 0, 0, 0])
+    unused = [[1.0] * 4 for _ in range(4)]
+    unused[3][2] = 0.2  # block 3 never precedes block 2 on this path
+    b = _recipe([1, 1, 0, 0, 0, 0, 0, 0], scales=unused)
+    assert a.hash == b.hash and a != b
+    assert _recipe([1, 0, 1, 0, 0, 0, 0, 0]).hash != a.hash
+    b.save(tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml") == b
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"include": [1, 0, 1]}, "include has 3 entries; 4 blocks x 1 repeats make 4 slots"),
+        ({"include": [1] * 8, "scales": [[1.0] * 3] * 4}, "scales must be a 4 x 4 matrix"),
+        ({"include": [1] * 8, "embed_from": 2}, "embed_from must index one of the 2 models"),
+        ({"include": [1] * 8, "scales": [[float("nan")] * 4] * 4}, "must be finite"),
+    ],
+)
+def test_bad_recipes_are_named(kwargs, message):
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[")):
+        _recipe(**kwargs)
+
+
+def test_evollm_sized_space_has_192_slots_and_a_64_by_64_matrix():
+    """EvoLLM's setting on paper: two 32-layer models, r = 3."""
+    space = DFSGenomeSpace(("shisa-gamma-7b", "WizardMath-7B"), (32, 32), repeats=3)
+    assert (space.slots, space.blocks, space.dim) == (192, 64, 192 + 64 * 64)
+    genome = np.random.default_rng(0).random(space.dim)
+    recipe = space.decode(genome)
+    assert len(recipe.include) == 192 and len(recipe.scales) == 64 and all(len(r) == 64 for r in recipe.scales)
+    assert all(0.0 <= hop.scale <= 2.0 for hop in recipe.path) and recipe.path[-1].layer < 32
+    optimizer = NSGA2(space.slots, space.blocks**2, 2, seed=0, popsize=4,
+                      initial=space.initial_population(4, seed=0, include_probability=0.33))
+    asked = optimizer.ask()
+    optimizer.tell(asked, [[0.1 * i, -float(g[:192].sum())] for i, g in enumerate(asked)])
+    assert all(g.shape == (space.dim,) for g in optimizer.ask())
+
+
+def test_initial_population_starts_from_each_models_own_path():
+    space = DFSGenomeSpace(("a", "b"), (2, 3), repeats=2)
+    population = space.initial_population(6, seed=1, include_probability=0.5)
+    assert [space.decode(g).path for g in population[:2]] == [
+        (Hop(0, 0, 1.0), Hop(0, 1, 1.0)), (Hop(1, 0, 1.0), Hop(1, 1, 1.0), Hop(1, 2, 1.0))]
+    assert all(space.decode(g).path for g in population)
+    with pytest.raises(Exception, match="must contain 1"):
+        DFSGenomeSpace(("a",), (2,), 1, scale_range=(1.5, 2.0))
+
+
+def test_nsga2_is_deterministic_and_mixes_binary_and_real_coordinates():
+    space = DFSGenomeSpace(("a", "b"), (2, 2), repeats=3)
+
+    def history():
+        optimizer = NSGA2(space.slots, 16, 2, seed=5, popsize=6,
+                          initial=space.initial_population(6, seed=5, include_probability=0.4))
+        asked_all = []
+        for _ in range(4):
+            asked = optimizer.ask()
+            optimizer.tell(asked, [[float(g[12:].mean()), -float(g[:12].sum())] for g in asked])
+            asked_all += asked
+        return asked_all
+
+    first, second = history(), history()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(set(np.unique(g[:12])) <= {0.0, 1.0} for g in first)
+    assert len({round(float(v), 9) for g in first for v in g[12:]}) > 2  # the scales evolve
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_checkpoints):
+    return [load_model(tiny_checkpoints["expert_a"]), load_model(tiny_checkpoints["expert_b"])]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_checkpoints):
+    return load_tokenizer(tiny_checkpoints["base"])(PROMPTS, padding=True, return_tensors="pt")
+
+
+def test_identity_path_gives_exactly_the_models_logits_and_generations(sources, batch):
+    for index, source in enumerate(sources):
+        path = build_path_model([Hop(index, layer, 1.0) for layer in range(2)], sources, embed_from=index)
+        with torch.no_grad():
+            assert torch.equal(path(**batch).logits, source(**batch).logits)
+        assert torch.equal(path.generate(**batch, max_new_tokens=6, do_sample=False),
+                           source.generate(**batch, max_new_tokens=6, do_sample=False))
+
+
+def test_path_model_borrows_blocks_without_copies_and_caches_each_hop(sources, batch):
+    hops = [Hop(0, 0, 1.0), Hop(1, 1, 1.3), Hop(0, 0, 0.8), Hop(1, 1, 1.0), Hop(0, 1, 1.1)]
+    path = build_path_model(hops, sources)
+    source_pointers = {p.data_ptr() for model in sources for p in model.parameters()}
+    assert {p.data_ptr() for p in path.parameters()} <= source_pointers
+    assert unique_parameters(path) < sum(unique_parameters(m) for m in sources)
+    cached = path.generate(**batch, max_new_tokens=8, do_sample=False)
+    recomputed = path.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed)  # a block run twice keeps two KV caches
+
+
+def test_path_model_saves_each_block_once_and_loads_back(sources, batch, tmp_path):
+    hops = [Hop(0, 0, 1.0), Hop(1, 1, 1.3), Hop(0, 0, 0.8), Hop(1, 0, 1.0)]
+    path = build_path_model(hops, sources)
+    save_path_model(path, tmp_path / "dfs")
+    assert json.loads((tmp_path / "dfs" / "config.json").read_text())["num_hidden_layers"] == 3  # (0,0) stored once
+    stored = load_model(tmp_path / "dfs")  # evomerge's loader returns the path model
+    assert all(isinstance(layer, HopLayer) for layer in stored.base_model.layers)
+    assert [layer.scale for layer in stored.base_model.layers] == [1.0, 1.3, 0.8, 1.0]
+    assert torch.equal(stored.generate(**batch, max_new_tokens=6, do_sample=False),
+                       path.generate(**batch, max_new_tokens=6, do_sample=False))
+    assert unique_parameters(stored) == unique_parameters(path)
+
+
+def test_models_that_cannot_share_a_path_are_refused(tiny_checkpoints, sources):
+    from transformers import MistralForCausalLM
+
+    from tests.conftest import tiny_config
+
+    wider = tiny_config(sources[0].config.vocab_size)
+    wider.hidden_size = 64
+    with pytest.raises(PathModelError, match="differ in hidden_size"):
+        build_path_model([Hop(0, 0, 1.0)], [sources[0], MistralForCausalLM(wider)])
+    with pytest.raises(PathModelError, match="empty"):
+        build_path_model([], sources)
+    with pytest.raises(PathModelError, match="gives .* 3 blocks"):
+        recipe_path_model(DFSRecipe(("a", "b"), (3, 2), 1, (1, 0, 0, 0, 0), [[1.0] * 5] * 5), sources)
+
+
+def _entry(index, score, length, error=None):
+    return {"index": index, "recipe_hash": f"h{index}", "error": error, "cached": False,
+            "fitness": [score, -length / 10], "metrics": {"path_length": length}}
+
+
+def test_pareto_front_and_the_chosen_point_within_a_length_limit():
+    entries = [_entry(0, 0.5, 4), _entry(1, 0.6, 8), _entry(2, 0.4, 6), _entry(3, 0.2, 2),
+               _entry(4, 0.9, 9, error="boom"), _entry(5, 0.6, 7)]
+    front = pareto_front(entries)
+    assert [e["index"] for e in front] == [5, 0, 3]  # 1 is dominated by 5, 2 by 0; failures never count
+    assert choose(front, None)["index"] == 5
+    assert choose(front, 4)["index"] == 0
+    with pytest.raises(Exception, match="at most search.max_path_length=1"):
+        choose(front, 1)
+
+
+def _search(home: Path, run_dir: Path, *overrides: str) -> None:
+    main(["search", "zoo=micro", f"home={home}", f"hydra.run.dir={run_dir}", "progress=false", *overrides])
+
+
+def _log(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def test_dfs_search_resumes_exactly_and_reports_the_chosen_path(micro_zoo_home, tmp_path):
+    dfs = ["search=dfs_nsga2", "search.popsize=4", "search.repeats=2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    _search(micro_zoo_home, full, *dfs, "search.generations=3")
+    _search(micro_zoo_home, split, *dfs, "search.generations=1")
+    _search(micro_zoo_home, tmp_path / "resumer", *dfs, "search.generations=3", f"resume={split}")
+    assert _log(split) == _log(full) and len(_log(full)) >= 10
+    assert (split / "chosen_recipe.yaml").read_text() == (full / "chosen_recipe.yaml").read_text()
+    report = json.loads((full / "report.json").read_text())
+    assert [r["kind"] for r in report["rows"]] == ["source", "source", "dfs"]
+    chosen = report["rows"][-1]
+    recipe = load_recipe(full / "chosen_recipe.yaml")
+    assert chosen["path_length"] == len(recipe.path) and chosen["recipe_hash"] == recipe.hash
+    assert all(r["params"] > 0 and r["metrics"]["split"] == "test" for r in report["rows"])
+    front = json.loads((full / "pareto.json").read_text())
+    assert front and any(e["recipe_hash"] == recipe.hash for e in front)
+    assert (full / "pareto.png").stat().st_size > 0
+
+    main(["export", f"run={full}", f"out={tmp_path / 'export'}", "progress=false", f"home={micro_zoo_home}"])
+    model = load_model(tmp_path / "export" / "model")
+    assert len(model.base_model.layers) == len(recipe.path)
+    main(["eval", f"model={tmp_path / 'export' / 'model'}", "task=toy_two_skill", "zoo=micro",
+          f"home={micro_zoo_home}", f"out={tmp_path / 'eval.json'}", "progress=false"])
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["metrics"]["score"] == pytest.approx(chosen["metrics"]["score"])
+
+
+def test_ps_dfs_puts_the_ps_winner_first_and_reports_both(micro_zoo_home, tmp_path):
+    run = tmp_path / "run"
+    stages = ["search=ps_dfs", "search.ps.popsize=4", "search.ps.generations=1", "search.dfs.popsize=4",
+              "search.dfs.generations=1", "search.dfs.repeats=1"]
+    _search(micro_zoo_home, run, *stages)
+    recipe = load_recipe(run / "dfs" / "chosen_recipe.yaml")
+    assert recipe.models[0] == str(run / "ps" / "merged") and len(recipe.models) == 3
+    report = json.loads((run / "report.json").read_text())
+    assert [r["kind"] for r in report["rows"]][-2:] == ["best", "ps_dfs"]
+    assert report["search"]["kind"] == "ps_dfs" and report["search"]["ps"]["kind"] == "ps"
+    before = _log(run / "dfs")
+    _search(micro_zoo_home, tmp_path / "again", *stages, f"resume={run}")  # both stages done: nothing reruns
+    assert _log(run / "dfs") == before
