@@ -229,6 +229,22 @@ class CompositeTask:
 AnyTask = Task | CompositeTask
 
 
+def metric_names(task: AnyTask) -> list[str]:
+    """The numeric metrics an evaluation of `task` yields (what a search may name as an objective)."""
+    names = [*SAMPLE_METRICS, "n", "score"]
+    if isinstance(task, CompositeTask):
+        names += [f"{c.task.name}/{key}" for c in task.components for key in (*SAMPLE_METRICS, "n", "score")]
+    return names
+
+
+def check_objectives(objectives: Sequence[str], task: AnyTask, extra: Sequence[str] = ()) -> None:
+    """Refuse objectives (a leading '-' minimises) that name no metric of the task, before any candidate runs."""
+    known = metric_names(task) + list(extra)
+    for objective in objectives:
+        if str(objective).removeprefix("-") not in known:
+            raise TaskError(f"unknown metric {objective!r} in search.objectives: task {task.name!r} yields {known}")
+
+
 def available_tasks(tasks_dir: Path = TASKS_DIR) -> list[str]:
     return sorted(path.stem for path in Path(tasks_dir).glob("*.yaml"))
 
