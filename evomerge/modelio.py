@@ -1,9 +1,16 @@
-"""Model I/O in one place: every HF model, tokenizer and safetensors checkpoint is read and written here."""
+"""Model I/O in one place: every HF model, tokenizer and checkpoint is read and written here.
+
+Weights are read from safetensors only. A checkpoint that has only pickle weights (``pytorch_model.bin``, ``*.pt``)
+is refused unless the user opts in (``allow_pickle: true``), and is then read with ``torch.load(weights_only=True)``,
+which rebuilds tensors without running code from the file. A model's own Python code (``trust_remote_code``) never
+runs unless asked for (``trust_remote_code: true``). The CLI sets both from the config with `set_load_policy`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +21,86 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+class ModelLoadError(ValueError):
+    """A model, tokenizer or checkpoint cannot be read: missing, not on an offline machine, pickle weights refused."""
+
+
+@dataclass
+class LoadPolicy:
+    """What model loading may do beyond reading safetensors: both off unless the config asks."""
+
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+POLICY = LoadPolicy()
+
+
+def set_load_policy(*, allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+    """Set the process-wide policy (the CLI calls this with the config's `allow_pickle` / `trust_remote_code`)."""
+    if not isinstance(allow_pickle, bool) or not isinstance(trust_remote_code, bool):
+        raise ModelLoadError(f"allow_pickle and trust_remote_code must be true or false, got {allow_pickle!r}, "
+                             f"{trust_remote_code!r}")
+    POLICY.allow_pickle, POLICY.trust_remote_code = allow_pickle, trust_remote_code
+
+
+def pickle_refusal(path: str | Path, files: Sequence[Path]) -> str:
+    names = ", ".join(sorted(file.name for file in files)[:3])
+    return (f"checkpoint {path} has only pickle weights ({names}), which evomerge does not read by default: a pickle "
+            "can run code when loaded. Convert it to safetensors, or set allow_pickle=true to load it with "
+            "torch.load(weights_only=True)")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+
+def local_checkpoint(path: str | Path, what: str = "model") -> str:
+    """A local directory for ``path``: the path itself, or a hub id's cached (downloaded) snapshot of its
+    safetensors, config and tokenizer files. Raises ModelLoadError naming the model when that cannot be had."""
+    path = str(path)
+    if _looks_local(path):
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise ModelLoadError(f"{what} {path!r} is not a model directory (no such directory)")
+        return str(local)
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
+    patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+    if POLICY.allow_pickle:
+        patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+    if POLICY.trust_remote_code:
+        patterns.append("*.py")
+    try:
+        return snapshot_download(path, allow_patterns=patterns, local_files_only=offline)
+    except Exception as error:  # offline with no cached copy, unknown repo, no network: one line naming the model
+        raise ModelLoadError(_hub_problem(path, what, error, offline)) from None
+
+
+def _hub_problem(path: str, what: str, error: BaseException, offline: bool) -> str:
+    if offline:
+        return (f"{what} {path!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
+                "copy of it: give a local path, or download it where the hub is reachable")
+    return f"{what} {path!r} is not a local directory and could not be fetched from the hub: {_first_line(error)}"
+
+
+def _pickle_only(path: Path) -> list[Path]:
+    """The pickle weight files of a directory that has no safetensors weights (empty if it has safetensors)."""
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return []
+    return [file for file in path.iterdir() if file.suffix in PICKLE_SUFFIXES and file.is_file()]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -25,19 +112,36 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> PreTrainedModel:
-    """Load a causal LM from a local directory or hub id, safetensors only, no remote code."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=False
-    )
+    """Load a causal LM from a local directory or hub id (via the local hub cache): safetensors, or pickle weights
+    only when allowed and then with weights_only=True; the model's own code only when allowed."""
+    local = local_checkpoint(path)
+    pickled = _pickle_only(Path(local))
+    if pickled and not POLICY.allow_pickle:
+        raise ModelLoadError(pickle_refusal(path, pickled))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            local, dtype=resolve_dtype(dtype), use_safetensors=None if POLICY.allow_pickle else True,
+            weights_only=True, trust_remote_code=POLICY.trust_remote_code,
+        )
+    except OSError as error:  # no weights, no config: transformers' message is a paragraph
+        raise ModelLoadError(f"model {path} could not be loaded: {_first_line(error)}") from None
     return model.to(device).eval()
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    local = local_checkpoint(path, "tokenizer of")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=POLICY.trust_remote_code)
+    except OSError as error:
+        raise ModelLoadError(f"tokenizer of {path} could not be loaded: {_first_line(error)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # --------------------------------------------------------------------------- safetensors, one tensor at a time
@@ -93,9 +197,12 @@ def _read_header(file: Path) -> dict[str, TensorEntry]:
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (sharded via its index, or a single file)."""
+    """The weight files of a checkpoint directory (sharded via its index, or a single file): safetensors, or
+    pickle files when the load policy allows them and the directory has no safetensors."""
     path = Path(path)
     if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES and not POLICY.allow_pickle:
+            raise ModelLoadError(pickle_refusal(path, [path]))
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist (merging needs local safetensors directories)")
@@ -106,9 +213,34 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if (path / SAFETENSORS_SINGLE).exists():
         return [path / SAFETENSORS_SINGLE]
     files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {path} has no safetensors files")
-    return files
+    if files:
+        return files
+    pickled = _pickle_only(path)
+    if pickled and not POLICY.allow_pickle:
+        raise ModelLoadError(pickle_refusal(path, pickled))
+    if (path / PICKLE_INDEX).exists():
+        weight_map = json.loads((path / PICKLE_INDEX).read_text())["weight_map"]
+        return [path / name for name in dict.fromkeys(weight_map.values())]
+    if pickled:
+        return sorted(pickled)
+    raise FileNotFoundError(f"checkpoint {path} has no safetensors files")
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict read with weights_only=True (tensors and plain containers only; no code runs)."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"{file}: not a weights-only pickle state dict ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{file}: not a state dict of tensors")
+    return state
 
 
 def read_config(path: str | Path) -> dict:
@@ -122,8 +254,15 @@ class CheckpointReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries: dict[str, TensorEntry] = {}
+        self._pickled: dict[str, torch.Tensor] = {}  # tensors of pickle files (allow_pickle only)
         for file in checkpoint_files(self.path):
-            self.entries.update(_read_header(file))
+            if file.suffix in PICKLE_SUFFIXES:
+                for name, tensor in _load_pickle(file).items():
+                    self._pickled[name] = tensor
+                    nbytes = tensor.numel() * tensor.element_size()
+                    self.entries[name] = TensorEntry(file, 0, nbytes, tensor.dtype, tuple(tensor.shape))
+            else:
+                self.entries.update(_read_header(file))
         self._handles: dict[Path, BinaryIO] = {}
 
     @property
@@ -140,6 +279,12 @@ class CheckpointReader:
         entry = self.entries.get(name)
         if entry is None:
             raise KeyError(f"checkpoint {self.path} has no tensor {name!r}")
+        if name in self._pickled:
+            values = self._pickled[name]
+            if buffer is None:
+                return values.clone()
+            out = buffer[: entry.end - entry.start].view(entry.dtype).reshape(entry.shape)
+            return out.copy_(values)
         handle = self._handles.get(entry.file)
         if handle is None:
             handle = self._handles[entry.file] = open(entry.file, "rb", buffering=0)

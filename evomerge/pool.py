@@ -2,7 +2,8 @@
 
 `conf/pool/*.yaml` gives either explicit paths / hub ids, or `zoo: true` with model names inside the toy zoo
 (built on first use from the `zoo` config). Validation of architectures, shapes and vocabularies happens where
-the tensors are read (the merge engine); here the pool only checks that every local path exists.
+the tensors are read (the merge engine); here the pool checks that every local path exists and fetches hub ids
+into the local hub cache (the merger reads local safetensors), or finds them there when offline.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from evomerge.modelio import ModelLoadError, local_checkpoint
 
 
 class PoolError(ValueError):
@@ -31,10 +34,11 @@ class Pool:
 
 
 def _check_local(path: str, what: str) -> str:
-    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-    if looks_local and not Path(path).expanduser().is_dir():
-        raise PoolError(f"{what} {path!r} is not a model directory")
-    return str(Path(path).expanduser()) if looks_local else path
+    """A local model directory for ``path``; a hub id is fetched into (or, offline, found in) the hub cache."""
+    try:
+        return local_checkpoint(path, what)
+    except ModelLoadError as error:
+        raise PoolError(str(error)) from None
 
 
 def resolve_pool(cfg: DictConfig) -> Pool:
