@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from evomerge.merge import MergeError
-from evomerge.merge.methods import merge_tensor, sorted_magnitudes
+from evomerge.merge.methods import all_finite, merge_tensor, sorted_magnitudes
 from evomerge.merge.stream import check_recipe_fits, needed_statistics, open_inputs
 from evomerge.modelio import load_model
 from evomerge.recipe import PSRecipe
@@ -142,4 +142,6 @@ class InMemoryMerger:
                 base = self._base[name] if self._base is not None and recipe.base is not None else None
                 merge_tensor(recipe, recipe.groups[assignment[name]], name, base, tensors, out=target,
                              sorted_magnitudes=sorted_values, statistics=statistics)
+                if not all_finite(target):  # e.g. huge weights overflowing: the candidate fails, not the search
+                    raise MergeError(f"recipe {recipe.hash}: merged tensor {name!r} has NaN or infinite values")
         return self.model

@@ -14,10 +14,12 @@ candidates, so the log and the best recipe come out as in an uninterrupted run.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -74,13 +76,34 @@ class Outcome:
 
 
 def evaluate_safely(problem: Problem, recipe: Recipe) -> Outcome:
-    """A bad candidate must not end a long search: its exception becomes a logged error."""
+    """A bad candidate must not end a long search: its exception (a merge or evaluation error, NaN/inf weights,
+    logits or metrics, running out of memory) becomes a logged error and the candidate scores as failed."""
     try:
         metrics, seconds = problem.evaluate(recipe)
         objective_values(metrics, problem.objectives)
         return Outcome(metrics, seconds)
     except Exception as exc:
-        return Outcome({}, {}, "".join(traceback.format_exception_only(type(exc), exc)).strip())
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        out_of_memory = _is_out_of_memory(exc)
+    if out_of_memory:  # outside the handler, so the traceback's frames (and their tensors) are gone
+        _free_memory()
+        error = f"out of memory: {error}"
+    return Outcome({}, {}, error)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # not imported here: a search over a non-torch problem stays light
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
+
+
+def _free_memory() -> None:
+    """Drop what the failed candidate held, and hand the CUDA cache back so the next candidate can use it."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class Executor(Protocol):
@@ -158,6 +181,9 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
             document = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             problems.append(f"{path.name} is unreadable ({error})")
+            continue
+        if not isinstance(document, dict):
+            problems.append(f"{path.name} is not a JSON object")
             continue
         if document.get("format") != CHECKPOINT_FORMAT or document.get("version") != CHECKPOINT_VERSION:
             raise SearchError(
@@ -244,6 +270,7 @@ def run_search(
             raise SearchError(f"{run_dir} has a log but no checkpoint: not a run this version can resume")
         state = {"settings": settings, "generation": 0, "evaluations": 0, "log_lines": 0,
                  "elapsed_seconds": 0.0, "history": [], "best": None}
+        save_checkpoint(run_dir, state)  # a run killed in its first generation is still a run that resumes
     else:
         check_settings(state["settings"], settings)
     optimizer = make_optimizer()
