@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 from transformers.utils import logging as transformers_logging
 
 from evomerge.eval.language import LanguageModelMissingError
 from evomerge.eval.task import TaskError
 from evomerge.merge import MergeError
+from evomerge.modelio import ModelLoadError, set_load_policy
 from evomerge.pool import PoolError
 from evomerge.search.run import SearchError
 
-USER_ERRORS = (MergeError, TaskError, SearchError, PoolError, LanguageModelMissingError)
+USER_ERRORS = (MergeError, TaskError, SearchError, PoolError, LanguageModelMissingError, ModelLoadError)
+HYDRA_OWN = {".hydra", "cli.log"}  # what Hydra writes into a run's output directory before the command starts
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 COMMANDS = {
     "zoo": ("evomerge.zoo.command:zoo_command", "build (or find cached) the toy model zoo and print its report"),
@@ -32,6 +38,60 @@ def usage() -> str:
     lines = ["usage: evomerge <command> [key=value ...]  (Hydra overrides; --help for the config)", "", "commands:"]
     lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _foreign_run_dir(command: str, overrides: list[str]) -> str | None:
+    """A search writes its run into hydra.run.dir: refuse an existing, non-empty directory that is not a run."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith(("hydra.run.dir=", "++hydra.run.dir="))]
+    if command != "search" or not given:
+        return None
+    path = Path(given[-1]).expanduser()
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"output directory {path} exists and is not a directory"
+    if not {item.name for item in path.iterdir()} - HYDRA_OWN:
+        return None  # empty, or left by Hydra alone
+    if (path / "checkpoint.json").exists() or (path / "checkpoint.prev.json").exists():
+        return None  # a run: the search resumes it in place
+    return (f"output directory {path} exists and is not a search run (no checkpoint.json); "
+            "choose a new hydra.run.dir, or resume=<run directory> to continue a run")
+
+
+def _bad_override(command: str, overrides: list[str]) -> str | None:
+    """Compose the config once up front so a bad override is one line, not Hydra's paragraph."""
+    if any(override.startswith("-") for override in overrides):  # --multirun, --cfg, ...: Hydra's own flags
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=[f"command={command}", *overrides])
+    except HydraException as error:
+        lines = []
+        for line in str(error).splitlines():
+            if line.strip().startswith(("Config search path", "See https://hydra.cc")):
+                break
+            if line.strip():
+                lines.append(line.strip())
+        return "bad override: " + " ".join(lines)
+    return None
+
+
+def _resumed_files(command: str, overrides: list[str]) -> dict[Path, bytes | None]:
+    """The files of a resumed run that the command rewrites before it knows the run can be resumed."""
+    resumed = [o.split("=", 1)[1] for o in overrides if o.startswith(("resume=", "++resume="))]
+    if command != "search" or not resumed or not Path(resumed[-1]).expanduser().is_dir():
+        return {}
+    config = Path(resumed[-1]).expanduser() / "config.yaml"
+    return {config: config.read_bytes() if config.is_file() else None}
+
+
+def _restore(kept: dict[Path, bytes | None]) -> None:
+    """Put a refused resume's run directory back as it was."""
+    for path, data in kept.items():
+        if data is None:
+            path.unlink(missing_ok=True)
+        elif not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
 
 
 def _resolve(target: str):
@@ -51,13 +111,28 @@ def main(argv: list[str] | None = None) -> None:
     transformers_logging.disable_progress_bar()  # per-file loading bars drown the search's own progress
     function = _resolve(COMMANDS[command][0])
 
+    problem = _bad_override(command, overrides) or _foreign_run_dir(command, overrides)
+    if problem:  # checked before Hydra prints a paragraph, or writes its .hydra/ and log into a directory
+        print(f"evomerge {command}: error: {problem}", file=sys.stderr)
+        raise SystemExit(1)
+    kept = _resumed_files(command, overrides)
+
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def run(cfg: DictConfig) -> None:
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        fresh = {item.name for item in output_dir.iterdir()} <= HYDRA_OWN
         try:
+            set_load_policy(allow_pickle=cfg.get("allow_pickle", False), trust_remote_code=cfg.get("trust_remote_code", False))
             function(cfg)
         except USER_ERRORS as error:  # bad input: one line naming the problem, not a traceback
+            written = {item.name for item in output_dir.iterdir()} - HYDRA_OWN - {"config.yaml"}
+            if fresh and not written:  # nothing half-written: the directory Hydra made for this command goes again
+                shutil.rmtree(output_dir, ignore_errors=True)
+            _restore(kept)
             print(f"evomerge {command}: error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
+        finally:
+            set_load_policy()  # back to the defaults: the policy is this command's, not the process's
 
     sys.argv = [f"evomerge {command}", f"command={command}", *overrides]
     run()
