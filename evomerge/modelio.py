@@ -125,6 +125,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         )
     except OSError as error:  # no weights, no config: transformers' message is a paragraph
         raise ModelLoadError(f"model {path} could not be loaded: {_first_line(error)}") from None
+    except ValueError as error:
+        raise ModelLoadError(_value_problem(path, "model", error)) from None
     return model.to(device).eval()
 
 
@@ -134,10 +136,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=POLICY.trust_remote_code)
     except OSError as error:
         raise ModelLoadError(f"tokenizer of {path} could not be loaded: {_first_line(error)}") from None
+    except ValueError as error:
+        raise ModelLoadError(_value_problem(path, "tokenizer of", error)) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _value_problem(path: str | Path, what: str, error: ValueError) -> str:
+    if "trust_remote_code" in str(error):
+        return (f"{what} {path} needs its own Python code to load (trust_remote_code), which evomerge does not run "
+                "by default; set trust_remote_code=true only if you trust that code")
+    return f"{what} {path} could not be loaded: {_first_line(error)}"
 
 
 def _first_line(error: BaseException) -> str:

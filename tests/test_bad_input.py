@@ -24,6 +24,7 @@ from tests.helpers.checkpoints import (
     llama_twin,
     narrower,
     pickle_checkpoint,
+    remote_code_checkpoint,
     swapped_tokens,
 )
 
@@ -55,6 +56,10 @@ def llama(tmp, ckpt, **_):
 
 def pickled(tmp, ckpt, **_):
     return {"broken": str(pickle_checkpoint(ckpt["expert_a"], tmp / "pickled"))}
+
+
+def remote_code(tmp, ckpt, **_):
+    return {"broken": str(remote_code_checkpoint(ckpt["base"], tmp / "custom", tmp.parent / f"{tmp.name}-ran"))}
 
 
 def recipe_file(text: str):
@@ -115,6 +120,8 @@ ROWS = [
     Row("different tokenizers", tiny_pool("{a}", "{broken}"), "has a different tokenizer",
         broken(edit_tokenizer=swapped_tokens)),
     Row("pickle weights without allow_pickle", tiny_pool("{a}", "{broken}"), "set allow_pickle=true", pickled),
+    Row("remote code without trust_remote_code", ("eval", "model={broken}", "task=toy_ja_qa", OUT),
+        "needs its own Python code to load (trust_remote_code)", remote_code),
     Row("no base where the method needs one", ("merge", "recipe={tmp}/recipe.yaml", OUT),
         "ties needs a base model", recipe_file("method: ties\nmodels: ['{a}', '{b}']\n")),
     Row("density out of range (recipe)", ("merge", "recipe={tmp}/recipe.yaml", OUT),
@@ -187,6 +194,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(row, request, tiny_chec
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"evomerge {argv[0]}: error: ") and row.message.format(**fill) in line, err
     assert tree(tmp_path) == before  # no output, no Hydra directory, no changed run directory
+    assert not (tmp_path.parent / f"{tmp_path.name}-ran").exists()  # no model code ran
 
 
 def test_pickle_weights_load_with_weights_only_when_allowed(tiny_checkpoints, tmp_path, capsys):

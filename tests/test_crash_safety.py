@@ -32,11 +32,12 @@ from tests.helpers import crash_search
 PHASES = ("merge", "eval", "checkpoint")
 PHASE_LENGTH = {"merge": crash_search.PHASE_SECONDS["merge"], "eval": crash_search.PHASE_SECONDS["eval"],
                 "checkpoint": 4 * crash_search.PHASE_SECONDS["checkpoint"]}
-GENERATIONS = 16
+GENERATIONS = 16  # the default test's run; the slow test's is longer, to fit 30 kills
+SLOW_GENERATIONS = 40
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="lives are forked")
 
 
-def start_life(run_dir: Path, trace: Path, slow: bool = True) -> int:
+def start_life(run_dir: Path, trace: Path, slow: bool = True, generations: int = GENERATIONS) -> int:
     trace.write_text("")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -44,7 +45,7 @@ def start_life(run_dir: Path, trace: Path, slow: bool = True) -> int:
     if pid == 0:  # the child: run the search, never return into pytest
         code = 0
         try:
-            crash_search.search(run_dir, trace, GENERATIONS, slow)
+            crash_search.search(run_dir, trace, generations, slow)
         except BaseException:
             with open(run_dir.parent / "child_errors.txt", "a") as handle:
                 traceback.print_exc(file=handle)
@@ -69,14 +70,22 @@ def without_seconds(entry: dict | None) -> dict | None:
     return None if entry is None else {k: v for k, v in entry.items() if k != "seconds"}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reference")
-    finish_life(start_life(root / "run", root / "trace", slow=False), root / "run")
+def uninterrupted(root: Path, generations: int) -> Path:
+    finish_life(start_life(root / "run", root / "trace", slow=False, generations=generations), root / "run")
     return root / "run"
 
 
-def kill_and_resume(root: Path, reference: Path, seed: int, kills: int) -> list[tuple]:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return uninterrupted(tmp_path_factory.mktemp("reference"), GENERATIONS)
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory) -> Path:
+    return uninterrupted(tmp_path_factory.mktemp("slow_reference"), SLOW_GENERATIONS)
+
+
+def kill_and_resume(root: Path, reference: Path, seed: int, kills: int, generations: int) -> list[tuple]:
     """Kill a search `kills` times at random moments, checking the run directory after each kill, then let it
     finish; returns the plan (phase aimed at, occurrence, fraction, phase hit)."""
     rng = random.Random(seed)
@@ -86,7 +95,7 @@ def kill_and_resume(root: Path, reference: Path, seed: int, kills: int) -> list[
     for index in range(kills):
         aim = PHASES[index % len(PHASES)]
         occurrence, fraction = rng.randint(1, 2 if aim == "checkpoint" else 3), rng.random()
-        pid = start_life(run_dir, trace)
+        pid = start_life(run_dir, trace, generations=generations)
         while trace.read_text().splitlines().count(aim) < occurrence:
             finished, _ = os.waitpid(pid, os.WNOHANG)
             assert finished == 0, f"seed {seed}: the search finished before kill {index + 1} ({plan})"
@@ -99,7 +108,7 @@ def kill_and_resume(root: Path, reference: Path, seed: int, kills: int) -> list[
         state = load_checkpoint(run_dir)  # never half-written: it loads, or the run has not checkpointed yet
         kept = state["log_lines"] if state is not None else 0
         assert entries(run_dir)[:kept] == expected[:kept], f"seed {seed}: log differs after kill {plan[-1]}"
-    finish_life(start_life(run_dir, trace), run_dir)
+    finish_life(start_life(run_dir, trace, generations=generations), run_dir)
     assert entries(run_dir) == expected, f"seed {seed}: {plan}"
     assert (run_dir / "best_recipe.yaml").read_text() == (reference / "best_recipe.yaml").read_text()
     final, uninterrupted = load_checkpoint(run_dir), load_checkpoint(reference)
@@ -108,23 +117,23 @@ def kill_and_resume(root: Path, reference: Path, seed: int, kills: int) -> list[
     return plan
 
 
-def run_kills(tmp_path: Path, reference: Path, seed: int | None, kills: int) -> None:
+def run_kills(tmp_path: Path, reference: Path, seed: int | None, kills: int, generations: int) -> None:
     seed = int(os.environ.get("EVOMERGE_CRASH_SEED", seed if seed is not None else random.randrange(2**31)))
     print(f"crash-safety seed {seed} (EVOMERGE_CRASH_SEED={seed} draws this plan again)")
-    plan = kill_and_resume(tmp_path, reference, seed, kills)
+    plan = kill_and_resume(tmp_path, reference, seed, kills, generations)
     print("kills (aimed phase, occurrence, fraction, phase hit):", plan)
     hit = {entry[3] for entry in plan}
     assert len(plan) == kills and set(PHASES) <= hit, f"seed {seed}: kills landed in {hit}: {plan}"
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path, reference):
-    run_kills(tmp_path, reference, None, kills=12)
+    run_kills(tmp_path, reference, None, kills=12, generations=GENERATIONS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_sigkill_many_more_times(tmp_path, reference, seed):
-    run_kills(tmp_path, reference, seed, kills=30)
+def test_sigkill_many_more_times(tmp_path, slow_reference, seed):
+    run_kills(tmp_path, slow_reference, seed, kills=30, generations=SLOW_GENERATIONS)
 
 
 def test_failing_candidates_are_logged_and_the_search_goes_on(reference):

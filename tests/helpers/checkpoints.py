@@ -72,3 +72,18 @@ def pickle_checkpoint(source: Path, destination: Path) -> Path:
     (destination / "model.safetensors").unlink()
     torch.save(tensors, destination / "pytorch_model.bin")
     return destination
+
+
+def remote_code_checkpoint(source: Path, destination: Path, marker: Path) -> Path:
+    """``source`` declaring its own model class in a .py file (``auto_map``), which touches ``marker`` if run."""
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.update(model_type="evomerge_custom", architectures=["CustomModel"],
+                  auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"})
+    (destination / "config.json").write_text(json.dumps(config))
+    (destination / "custom.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import MistralConfig, MistralForCausalLM\n"
+        "class CustomConfig(MistralConfig):\n    model_type = 'evomerge_custom'\n"
+        "class CustomModel(MistralForCausalLM):\n    config_class = CustomConfig\n")
+    return destination
