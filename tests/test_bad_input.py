@@ -108,6 +108,7 @@ ROWS = [
         "pool.base '{tmp}/nowhere' is not a model directory"),
     Row("missing model path (eval)", ("eval", "model={tmp}/nowhere", "task=toy_ja_qa", OUT),
         "model '{tmp}/nowhere' is not a model directory"),
+    Row("no model to evaluate", ("eval", "task=toy_ja_qa", OUT), "evomerge eval needs one of model="),
     Row("hub id while offline", (*tiny_pool("evomerge-tests/no-such-model"),),
         "model 'evomerge-tests/no-such-model' is not a local directory and the hub is offline",
         env={"HF_HUB_OFFLINE": "1"}),

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
 from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PADDING
-from evomerge.eval.task import load_task
+from evomerge.eval.task import TaskError, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pathmodel import recipe_path_model
@@ -31,7 +31,7 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate, write the JSON report to `out` (default: <hydra output dir or cwd>/eval_report.json), return it."""
     recipe_path, model_path = cfg.get("recipe"), cfg.get("model")
     if (recipe_path is None) == (model_path is None):
-        raise ValueError("evomerge eval needs one of model=<model directory or hub id> or recipe=<recipe.yaml>")
+        raise TaskError("evomerge eval needs one of model=<model directory or hub id> or recipe=<recipe.yaml>")
     task_name, task_options = _task_entry(cfg)
     split = cfg.get("split") or "test"
     task = load_task(task_name, _task_variables(cfg))
@@ -85,12 +85,12 @@ def _task_entry(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """`task` is either the Hydra group entry (a mapping with `name` and per-run options) or a bare name."""
     entry = cfg.get("task")
     if entry is None:
-        raise ValueError("evomerge eval needs task=<name>")
+        raise TaskError("evomerge eval needs task=<name>")
     if isinstance(entry, str):
         return entry, {}
     options = OmegaConf.to_container(entry, resolve=True)
     if "name" not in options:
-        raise ValueError(f"the task config {options} has no 'name'")
+        raise TaskError(f"the task config {options} has no 'name'")
     return options.pop("name"), options
 
 
