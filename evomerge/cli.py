@@ -52,8 +52,9 @@ def _foreign_run_dir(command: str, overrides: list[str]) -> str | None:
         return f"output directory {path} exists and is not a directory"
     if not {item.name for item in path.iterdir()} - HYDRA_OWN:
         return None  # empty, or left by Hydra alone
-    if (path / "checkpoint.json").exists() or (path / "checkpoint.prev.json").exists():
-        return None  # a run: the search resumes it in place
+    if any((path / stage / name).exists() for stage in ("", "ps", "dfs")
+           for name in ("checkpoint.json", "checkpoint.prev.json")):
+        return None  # a run (or a PS+DFS pipeline's): the search resumes it in place
     return (f"output directory {path} exists and is not a search run (no checkpoint.json); "
             "choose a new hydra.run.dir, or resume=<run directory> to continue a run")
 
