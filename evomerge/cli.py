@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             function(cfg)
         except USER_ERRORS as error:  # bad input: one line naming the problem, not a traceback
             written = {item.name for item in output_dir.iterdir()} - HYDRA_OWN - {"config.yaml"}
-            if fresh and not written:  # nothing half-written: the directory Hydra made for this command goes again
+            sweep_job = HydraConfig.get().mode.name == "MULTIRUN"  # a sweep keeps its failed jobs' directories
+            if fresh and not written and not sweep_job:  # nothing half-written: Hydra's new directory goes again
                 shutil.rmtree(output_dir, ignore_errors=True)
             _restore(kept)
             print(f"evomerge {command}: error: {error}", file=sys.stderr)
