@@ -8,6 +8,7 @@ from transformers import MistralForCausalLM
 
 from evomerge.eval import Evaluator, GenerationSettings, encode_prompts, generate_greedy, load_task
 from evomerge.eval.generate import (
+    RaiseOnNonFiniteLogits,
     batch_cache,
     common_prefix_length,
     cut_at_stop,
@@ -230,3 +231,14 @@ def test_non_finite_logits_fail_the_generation(tiny_checkpoints, tokenizer):
         broken.lm_head.weight[5, 0] = float("inf")  # inf times a hidden state: +-inf or NaN in one logit column
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         generate_greedy(broken, tokenizer, ["Q", "答え"], settings, progress=False)
+
+
+def test_the_guard_passes_finite_logits_whose_sum_overflows():
+    guard = RaiseOnNonFiniteLogits()
+    huge = torch.full((2, 8), 3e38)
+    assert not torch.isfinite(huge.sum())  # the fast check trips, the exact one must clear it
+    assert guard(torch.zeros(2, 3, dtype=torch.long), huge) is huge
+    broken = huge.clone()
+    broken[1, 4] = float("-inf")
+    with pytest.raises(FloatingPointError, match="in 1 of 2 rows at generation step 3"):
+        guard(torch.zeros(2, 3, dtype=torch.long), broken)

@@ -1,7 +1,8 @@
 """Evaluator: (task, split, generation settings) -> metrics and per-sample records for any model.
 
 Built once per search: the split is read and its prompts tokenized and batched once, then every
-candidate model reuses them. Results are cached under (model key, task, split, settings), where the
+candidate model reuses them (a prefix all prompts share, such as MGSM-JA's instruction header, is split
+off then too; each candidate reads it once, see `generate.py`). Results are cached under (model key, task, split, settings), where the
 model key is whatever identifies the weights: a recipe hash during search, a directory for `evomerge eval`.
 """
 
