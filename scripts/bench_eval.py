@@ -5,7 +5,8 @@ strings to cut texts (tokenization and decoding included), and must give identic
 Without --model a ~1M-parameter random Mistral (hidden 128, 4 layers, 4 heads, intermediate 384,
 vocab ~500) with a BPE trained on MGSM text is built in a temporary directory. Prompt sets:
 `mgsm` = the MGSM-JA zero-shot prompts (uneven lengths, a long shared instruction header that the
-evaluator reads once), `toy` = short toy-zoo style prompts (a few shared tokens: plain left padding).
+evaluator reads once), `toy` = short toy-zoo style prompts (an 18-token shared question stem).
+`--min-shared-prefix 0` turns prefix sharing off.
 
     flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_eval.py --prompts mgsm --json
 """
