@@ -11,6 +11,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from transformers.utils import logging as transformers_logging
 
@@ -20,6 +21,7 @@ from evomerge.merge import MergeError
 from evomerge.modelio import ModelLoadError, set_load_policy
 from evomerge.pool import PoolError
 from evomerge.search.run import SearchError
+from evomerge.search.sweep import JobError
 
 USER_ERRORS = (MergeError, TaskError, SearchError, PoolError, LanguageModelMissingError, ModelLoadError)
 HYDRA_OWN = {".hydra", "cli.log"}  # what Hydra writes into a run's output directory before the command starts
@@ -57,6 +59,30 @@ def _foreign_run_dir(command: str, overrides: list[str]) -> str | None:
         return None  # a run (or a PS+DFS pipeline's): the search resumes it in place
     return (f"output directory {path} exists and is not a search run (no checkpoint.json); "
             "choose a new hydra.run.dir, or resume=<run directory> to continue a run")
+
+
+HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+HYDRA_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def hydra_arguments(command: str, arguments: list[str]) -> list[str]:
+    """Hydra's flags (`-m`, `--cfg job`, ...) first, then `command=<command>`, then the overrides: Hydra's parser
+    takes its flags before the overrides only, so `evomerge search -m a=1,2` must not become `command=search -m ...`."""
+    flags, overrides, index = [], [], 0
+    while index < len(arguments):
+        argument = arguments[index]
+        index += 1
+        if not argument.startswith("-"):
+            overrides.append(argument)
+            continue
+        flags.append(argument)
+        takes_value = argument in HYDRA_VALUE_FLAGS or (
+            argument in ("--info", "-i") and index < len(arguments) and arguments[index] in HYDRA_INFO_CHOICES)
+        if takes_value and index < len(arguments):
+            flags.append(arguments[index])
+            index += 1
+    return [*flags, f"command={command}", *overrides]
 
 
 def _bad_override(command: str, overrides: list[str]) -> str | None:
@@ -132,11 +158,13 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(output_dir, ignore_errors=True)
             _restore(kept)
             print(f"evomerge {command}: error: {error}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other runs go on; its summary names this one
+                return JobError(str(error))
             raise SystemExit(1) from None
         finally:
             set_load_policy()  # back to the defaults: the policy is this command's, not the process's
 
-    sys.argv = [f"evomerge {command}", f"command={command}", *overrides]
+    sys.argv = [f"evomerge {command}", *hydra_arguments(command, overrides)]
     run()
 
 

@@ -82,7 +82,10 @@ class RayExecutor:
             options: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
             if address is None:  # a local instance: room for every actor even where cores are fewer
                 options["num_cpus"] = max(os.cpu_count() or 1, int(workers * num_cpus + 0.999))
-            ray.init(address=address, **options)
+            try:
+                ray.init(address=address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise SearchError(f"executor.address={address}: cannot start or join Ray: {_first_line(error)}") from None
             self._started_ray = True
         self._actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_Worker)
         self.actors = [self._new_actor() for _ in range(self.workers)]
