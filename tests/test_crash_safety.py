@@ -87,7 +87,7 @@ def slow_reference(tmp_path_factory) -> Path:
 
 def kill_and_resume(root: Path, reference: Path, seed: int, kills: int, generations: int) -> list[tuple]:
     """Kill a search `kills` times at random moments, checking the run directory after each kill, then let it
-    finish; returns the plan (phase aimed at, occurrence, fraction, phase hit)."""
+    finish; returns the plan (phase aimed at, occurrence, fraction, phase hit, checkpoint files left)."""
     rng = random.Random(seed)
     run_dir, trace = root / "run", root / "trace"
     expected = entries(reference)
@@ -104,7 +104,9 @@ def kill_and_resume(root: Path, reference: Path, seed: int, kills: int, generati
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         hit = trace.read_text().splitlines()[-1]
-        plan.append((aim, occurrence, round(fraction, 3), hit))
+        on_disk = "+".join(name for name in ("checkpoint.json", "checkpoint.json.tmp", "checkpoint.prev.json")
+                           if (run_dir / name).exists()) or "no checkpoint"
+        plan.append((aim, occurrence, round(fraction, 3), hit, on_disk))
         state = load_checkpoint(run_dir)  # never half-written: it loads, or the run has not checkpointed yet
         kept = state["log_lines"] if state is not None else 0
         assert entries(run_dir)[:kept] == expected[:kept], f"seed {seed}: log differs after kill {plan[-1]}"
@@ -121,7 +123,7 @@ def run_kills(tmp_path: Path, reference: Path, seed: int | None, kills: int, gen
     seed = int(os.environ.get("EVOMERGE_CRASH_SEED", seed if seed is not None else random.randrange(2**31)))
     print(f"crash-safety seed {seed} (EVOMERGE_CRASH_SEED={seed} draws this plan again)")
     plan = kill_and_resume(tmp_path, reference, seed, kills, generations)
-    print("kills (aimed phase, occurrence, fraction, phase hit):", plan)
+    print("kills (aimed phase, occurrence, fraction, phase hit, checkpoint files left):", *plan, sep="\n  ")
     hit = {entry[3] for entry in plan}
     assert len(plan) == kills and set(PHASES) <= hit, f"seed {seed}: kills landed in {hit}: {plan}"
 
