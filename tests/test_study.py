@@ -20,7 +20,11 @@ from evomerge.zoo.study_tasks import (
     study_task_splits,
     study_training_examples,
 )
-from evomerge.zoo.study_zoo import StudyZooSpec, _pretraining_questions, load_study_zoo_spec
+from evomerge.zoo.study_zoo import (
+    StudyZooSpec,
+    _pretraining_questions,
+    load_study_zoo_spec,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -30,7 +30,8 @@ def study_settings(cfg: DictConfig) -> dict[str, Any]:
             settings["methods"] = {}
         for key, value in given.items():
             settings[key] = value
-    unknown = set(settings) - {"zoo", "sizes", "subsets", "seed", "kinds", "methods", "select_split", "split", "zoo_only"}
+    known = {"zoo", "sizes", "subsets", "seed", "kinds", "methods", "select_split", "split", "zoo_only", "summarize_only"}
+    unknown = set(settings) - known
     if unknown:
         raise ValueError(f"study: unknown setting(s) {sorted(unknown)}")
     return settings

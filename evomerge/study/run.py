@@ -25,7 +25,12 @@ from evomerge.merge.memory import InMemoryMerger
 from evomerge.recipe import METHODS, PSRecipe
 from evomerge.zoo import build
 from evomerge.zoo.report import TaskSuite
-from evomerge.zoo.study_zoo import base_dir, build_study_zoo, expert_dir, load_study_zoo_spec
+from evomerge.zoo.study_zoo import (
+    base_dir,
+    build_study_zoo,
+    expert_dir,
+    load_study_zoo_spec,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -163,20 +168,23 @@ def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print
     kinds = [k for k in pool.kinds if not settings.get("kinds") or k.name in settings["kinds"]]
     sizes = [n for n in settings["sizes"] if 1 <= n <= len(pool.held_in)]
     scorer = Scorer(pool.zoo)
+    mergers: dict[str, InMemoryMerger] = {}
     records = []
+    # N outermost, base kinds inside: a run cut short still has every kind for the smaller N
     with results_path.open("a") as handle:
-        for kind in kinds:
-            merger = None
-            for size in sizes:
-                for subset in expert_subsets(pool.held_in, size, settings["subsets"], settings["seed"]):
+        for size in sizes:
+            for subset in expert_subsets(pool.held_in, size, settings["subsets"], settings["seed"]):
+                for kind in kinds:
                     for method, method_settings in settings["methods"].items():
                         key = _record_key(kind.name, size, subset, method)
                         if key in done:
                             records.append(done[key])
                             continue
-                        if merger is None:
-                            merger = InMemoryMerger(kind.base, [kind.experts[t] for t in pool.held_in])
-                        record = _one_merge(pool, kind, merger, scorer, size, subset, method,
+                        if settings.get("summarize_only"):
+                            continue
+                        if kind.name not in mergers:
+                            mergers[kind.name] = InMemoryMerger(kind.base, [kind.experts[t] for t in pool.held_in])
+                        record = _one_merge(pool, kind, mergers[kind.name], scorer, size, subset, method,
                                             method_grid(method, method_settings or {}), settings)
                         handle.write(json.dumps(record) + "\n")
                         handle.flush()

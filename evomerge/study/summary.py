@@ -12,7 +12,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 KIND_LABELS = {"plain": "plain pretrained base", "it": "instruction-tuned base"}
 METRICS = ("held_in_norm", "held_out_norm")
@@ -35,7 +35,7 @@ def summarize(records: Sequence[Mapping[str, Any]], pool_info: Mapping[str, Any]
     for r in records:
         groups[(r["kind"], r["method"], r["n"])].append(r)
     cells: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
-    for (kind, method, n), rows in sorted(groups.items()):
+    for (kind, method, n), rows in groups.items():  # run order: base kinds, then N, then methods as configured
         cell: dict[str, Any] = {"subsets": len(rows)}
         for metric in METRICS:
             cell[metric] = _mean([r[metric] for r in rows])
@@ -49,7 +49,7 @@ def pool_info(pool) -> dict[str, Any]:
     info: dict[str, Any] = {"held_in": list(pool.held_in), "held_out": list(pool.held_out), "references": {}}
     for kind in pool.kinds:
         experts_out = []
-        for task, scores in kind.expert_scores.items():
+        for scores in kind.expert_scores.values():
             usable = [t for t in pool.held_out if kind.base_scores[t] > 0]
             if usable:
                 experts_out.append(sum(scores[t] / kind.base_scores[t] for t in usable) / len(usable))
@@ -93,6 +93,8 @@ def findings(summary: Mapping[str, Any]) -> list[str]:
         p_out, i_out = _overall(summary, "plain", "held_out_norm"), _overall(summary, "it", "held_out_norm")
         agree_in, agree_out = (i_in or 0) > (p_in or 0), (i_out or 0) > (p_out or 0)
         verdict = "agrees" if agree_in and agree_out else "partly agrees" if agree_in or agree_out else "does not agree"
+        if None in (p_in, i_in, p_out, i_out):
+            verdict = "cannot say (a reference score is 0, so a normalized mean is missing)"
         lines.append(
             f"**1. Instruction-tuned base merges better?** Mean over methods and N: held-in (normalized by the experts) "
             f"{_f(i_in)} from the instruction-tuned base vs {_f(p_in)} from the plain base; held-out (normalized by "

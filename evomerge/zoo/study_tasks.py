@@ -11,7 +11,15 @@ import random
 from collections.abc import Callable
 
 from evomerge.zoo import corpus
-from evomerge.zoo.corpus import COLORS, CITIES, FOODS, OBJECTS, Example, Fact, sample_facts
+from evomerge.zoo.corpus import (
+    CITIES,
+    COLORS,
+    FOODS,
+    OBJECTS,
+    Example,
+    Fact,
+    sample_facts,
+)
 
 # the item words of corpus.ITEMS that are one word (lists of them are counted, reversed)
 WORDS = [en for en, _, _ in corpus.ITEMS if " " not in en]

@@ -30,7 +30,14 @@ import torch
 from evomerge.eval.task import load_task
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.zoo import corpus
-from evomerge.zoo.build import ZooSpec, _eval_splits, _save, _stage_done, _write_json, build_zoo
+from evomerge.zoo.build import (
+    ZooSpec,
+    _eval_splits,
+    _save,
+    _stage_done,
+    _write_json,
+    build_zoo,
+)
 from evomerge.zoo.report import TaskSuite
 from evomerge.zoo.study_tasks import (
     STUDY_EXAMPLES,
