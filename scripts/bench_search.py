@@ -46,6 +46,7 @@ def timed_search(cfg, pool, problem, make_optimizer, executor, run_dir: Path) ->
                         progress=False)
     seconds = time.perf_counter() - started
     evaluated = [e for e in result.entries if not e["cached"]]
+    timings = [e["seconds"] for e in evaluated if e["seconds"]]
     return {
         "candidates": len(result.entries),
         "evaluated": len(evaluated),
@@ -53,6 +54,8 @@ def timed_search(cfg, pool, problem, make_optimizer, executor, run_dir: Path) ->
         "search_seconds": round(seconds, 2),
         "candidates_per_min": round(len(evaluated) / seconds * 60, 1),
         "best_search_fitness": result.best["fitness"][0],
+        "merge_seconds": round(sum(t["merge"] for t in timings), 3),
+        "eval_seconds": round(sum(t["eval"] for t in timings), 3),
         "entries": result.entries,
     }
 
@@ -66,9 +69,13 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--popsize", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU each)")
+    parser.add_argument("--serial-threads", type=int, default=None,
+                        help="torch threads of the serial run (default: torch's, one per core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (e.g. zoo=micro home=/tmp/h task=toy_ja_qa)")
     args = parser.parse_args()
+    if args.serial_threads:
+        torch.set_num_threads(args.serial_threads)
     cfg = load_config([f"search.generations={args.generations}", f"search.popsize={args.popsize}", *args.overrides])
     pool = resolve_pool(cfg)  # the toy zoo: built on first use, cached under `home`
     problem, make_optimizer = ps.make_problem(cfg, pool)
@@ -84,13 +91,14 @@ def main() -> None:
             parallel = timed_search(cfg, pool, problem, make_optimizer, executor, Path(tmp) / "ray")
         finally:
             executor.close()
-    timings = [e["seconds"] for e in serial["entries"] if e["seconds"]]
-    merge, evaluate = sum(t["merge"] for t in timings), sum(t["eval"] for t in timings)
+    merge, evaluate = serial["merge_seconds"], serial["eval_seconds"]
     report["serial"] = {k: v for k, v in serial.items() if k != "entries"}
     report["ray"] = {**{k: v for k, v in parallel.items() if k != "entries"}, "workers": args.workers,
                      "startup_seconds": round(startup, 2), "threads_per_worker": 1}
     report["merge_fraction"] = round(merge / (merge + evaluate), 4)
-    report["seconds_per_candidate"] = {"merge": round(merge / len(timings), 4), "eval": round(evaluate / len(timings), 4)}
+    report["seconds_per_candidate"] = {
+        name: {"merge": round(r["merge_seconds"] / r["evaluated"], 4), "eval": round(r["eval_seconds"] / r["evaluated"], 4)}
+        for name, r in (("serial", serial), ("ray", parallel))}
     report["logs_identical_except_seconds"] = without_seconds(serial["entries"]) == without_seconds(parallel["entries"])
     if args.json:
         print(json.dumps(report))
@@ -102,9 +110,9 @@ def main() -> None:
         extra = f", {args.workers} workers, start-up {r['startup_seconds']} s" if name == "ray" else ""
         print(f"{name:>7}: {r['candidates_per_min']:6.1f} candidates/min ({r['evaluated']} evaluated in "
               f"{r['search_seconds']} s{extra})")
-    per = report["seconds_per_candidate"]
-    print(f"a candidate (serial): merge {per['merge']} s + eval {per['eval']} s; merge fraction "
-          f"{report['merge_fraction']:.1%}")
+    for name, per in report["seconds_per_candidate"].items():
+        print(f"a candidate ({name}): merge {per['merge']} s + eval {per['eval']} s")
+    print(f"merge fraction (serial): {report['merge_fraction']:.1%}")
     print(f"logs identical except seconds: {report['logs_identical_except_seconds']}")
 
 
