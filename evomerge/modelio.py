@@ -127,6 +127,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
         raise ModelLoadError(f"model {path} could not be loaded: {_first_line(error)}") from None
     except ValueError as error:
         raise ModelLoadError(_value_problem(path, "model", error)) from None
+    from evomerge.pathmodel import is_path_model_dir, load_path_model  # here: pathmodel imports the merge engine
+
+    if is_path_model_dir(local):  # a DFS layer path: its stored blocks, run in the path's order
+        model = load_path_model(local, model)
     return model.to(device).eval()
 
 
