@@ -49,12 +49,14 @@ def run_directory(cfg: DictConfig) -> Path:
 def search_settings(cfg: DictConfig, pool: Pool) -> dict:
     """Everything that must match for a resumed run to be the same search."""
     search = {k: v for k, v in OmegaConf.to_container(cfg.search, resolve=True).items() if k not in BUDGET_KEYS}
-    return {
+    settings = {
         "pool": {"base": pool.base, "models": list(pool.models)},
         "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "merge": OmegaConf.to_container(cfg.merge, resolve=True),
         "search": search,
     }
+    if cfg.search.kind == "ps":  # a layer-path search merges nothing
+        settings["merge"] = OmegaConf.to_container(cfg.merge, resolve=True)
+    return settings
 
 
 def stage_config(cfg: DictConfig, search: DictConfig) -> DictConfig:
