@@ -35,6 +35,7 @@ class InMemoryMerger:
     A recipe may use any of the pool's models, in any order; its base must be the pool's base.
     ``statistics`` maps a kind ("fisher", "gram") to tensor name -> one statistic per pool model, for Fisher
     and RegMean recipes; kinds it lacks are loaded or computed from the recipe's prompts (and kept).
+    ``device`` holds the pool and the resident model (e.g. "cuda": candidates merge on the GPU they run on).
     """
 
     def __init__(
@@ -44,19 +45,21 @@ class InMemoryMerger:
         *,
         model: PreTrainedModel | None = None,
         statistics: Mapping[str, Mapping[str, Sequence[Tensor]]] | None = None,
+        device: str | torch.device = "cpu",
     ):
         self.base = None if base is None else str(base)
         self.models = [str(path) for path in models]
         inputs = open_inputs(self.base, self.models)
         try:
             self.names = inputs.names
-            stacked = {name: inputs.read_checked(name) for name in self.names}
+            stacked = {name: [tensor.to(device) for tensor in inputs.read_checked(name)] for name in self.names}
         finally:
             inputs.close()
         offset = 1 if self.base is not None else 0
         self._base = {name: tensors[0] for name, tensors in stacked.items()} if offset else None
         self._pool = [{name: tensors[index + offset] for name, tensors in stacked.items()} for index in range(len(self.models))]
-        self.model = model if model is not None else load_model(inputs.paths[0], dtype=self._reference_dtype(stacked))
+        self.model = model if model is not None else load_model(inputs.paths[0], dtype=self._reference_dtype(stacked),
+                                                                device=str(device))
         self._targets = self._find_targets()
         self._statistics: dict[tuple, Mapping[str, Sequence[Tensor]]] = {
             (kind,): values for kind, values in (statistics or {}).items()

@@ -75,7 +75,7 @@ def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
 
 def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
     tokenizer = load_tokenizer(pool.tokenizer_source)
-    merger = InMemoryMerger(pool.base, pool.models)
+    merger = InMemoryMerger(pool.base, pool.models, device=cfg.device)
     space = genome_space(cfg, pool, merger.names)
     task = load_task(cfg.task.name, pool.variables)
     check_objectives(cfg.search.objectives, task)
@@ -124,7 +124,7 @@ def held_out_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: P
         rows.append(row)
 
     for name, path in [("base", pool.base), *zip(pool.names, pool.models)]:
-        add(name, "source", load_model(path), f"source:{path}")
+        add(name, "source", load_model(path, device=cfg.device), f"source:{path}")
     for name, recipe in baseline_recipes(pool).items():
         add(f"{name} (uniform)", "baseline", merger.merge(recipe), recipe.hash, recipe)
     add("best (search)", "best", merger.merge(best), best.hash, best)
