@@ -137,7 +137,17 @@ ROWS = [
     Row("recipe groups that miss layers", ("merge", "recipe={tmp}/recipe.yaml", OUT), "none of the recipe's groups",
         recipe_file("method: task_arithmetic\nbase: '{base}'\nmodels: ['{a}']\n"
                     "groups: [{{name: embed}}, {{name: blocks.0}}, {{name: head}}]\n")),
-    # DFS sizes that do not fit: the DFS search's row goes here.
+    Row("DFS with no repeat of the blocks", (*tiny_pool("{a}", "{b}"), "search=dfs_nsga2", "search.repeats=0"),
+        "search.repeats=0: a layer path needs at least one repeat of the blocks"),
+    Row("DFS embeddings from a model not in the pool", (*tiny_pool("{a}", "{b}"), "search=dfs_nsga2",
+                                                         "search.embed_from=2"),
+        "search.embed_from=2: the pool has 2 models"),
+    Row("DFS scale range without 1", (*tiny_pool("{a}", "{b}"), "search=dfs_nsga2", "search.scale_range=[1.5,2.0]"),
+        "search.scale_range [1.5, 2.0] must contain 1"),
+    Row("DFS recipe whose block counts do not fit its models", ("eval", "recipe={tmp}/recipe.yaml", "task=toy_ja_qa", OUT),
+        "the recipe gives {a} 3 blocks; the model has 2",
+        recipe_file("kind: dfs\nmodels: ['{a}']\nlayers: [3]\nrepeats: 1\ninclude: [1, 1, 0]\n"
+                    "scales: [[1, 1, 1], [1, 1, 1], [1, 1, 1]]\n")),
     Row("unknown task", (*tiny_pool("{a}", "{b}"), "task.name=no_such_task"), "unknown task 'no_such_task'"),
     Row("unknown task config", (*tiny_pool("{a}", "{b}"), "task=no_such_task"), "Could not find 'task/no_such_task'"),
     Row("unknown metric", (*tiny_pool("{a}", "{b}"), "search.objectives=[accuracy]"),
