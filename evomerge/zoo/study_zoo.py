@@ -242,13 +242,19 @@ def _train_experts(spec: StudyZooSpec, foundation: Path, work: Path) -> None:
 
 
 def study_report(zoo: Path, spec: StudyZooSpec) -> dict:
-    """Every base and expert on every task, test split: {"kinds": {kind: {"base": scores, "experts": {task: scores}}}}."""
-    suite = TaskSuite(zoo, [*spec.held_in, *spec.held_out], "test")
+    """Test split: each base on every task, each expert on its own task and the held-out tasks (what the study
+    normalizes by): {"kinds": {kind: {"base": scores, "experts": {task: scores}}}}."""
+    suites = {task: TaskSuite(zoo, [task], "test") for task in (*spec.held_in, *spec.held_out)}
+
+    def scores(model, key: str, tasks) -> dict:
+        return {task: suites[task].scores(model, key)[task] for task in tasks}
+
     report: dict = {"held_in": list(spec.held_in), "held_out": list(spec.held_out), "kinds": {}}
     for kind in BASE_KINDS:
-        entry = {"base": suite.scores(load_model(base_dir(zoo, kind)), f"{kind}/base"), "experts": {}}
+        entry = {"base": scores(load_model(base_dir(zoo, kind)), f"{kind}/base", suites), "experts": {}}
         for task in spec.held_in:
-            entry["experts"][task] = suite.scores(load_model(expert_dir(zoo, kind, task)), f"{kind}/{task}")
+            entry["experts"][task] = scores(load_model(expert_dir(zoo, kind, task)), f"{kind}/{task}",
+                                            [task, *spec.held_out])
         report["kinds"][kind] = entry
     return report
 
@@ -260,7 +266,8 @@ def format_study_report(report: dict) -> str:
     for kind, entry in report["kinds"].items():
         rows = {f"{kind}/base": entry["base"], **{f"{kind}/{t[4:]}": s for t, s in entry["experts"].items()}}
         for name, scores in rows.items():
-            lines.append(f"{name:<22}" + "".join(f"{scores[t]['score']:>10.3f}" for t in tasks))
+            lines.append(f"{name:<22}" + "".join(f"{scores[t]['score']:>10.3f}" if t in scores else f"{'-':>10}"
+                                                  for t in tasks))
     return "\n".join(lines)
 
 
