@@ -77,9 +77,11 @@ def hydra_arguments(command: str, arguments: list[str]) -> list[str]:
             overrides.append(argument)
             continue
         flags.append(argument)
-        takes_value = argument in HYDRA_VALUE_FLAGS or (
-            argument in ("--info", "-i") and index < len(arguments) and arguments[index] in HYDRA_INFO_CHOICES)
-        if takes_value and index < len(arguments):
+        if argument in ("--info", "-i"):  # its value is optional: name it, or `command=` would be taken for it
+            given = index < len(arguments) and arguments[index] in HYDRA_INFO_CHOICES
+            flags.append(arguments[index] if given else "all")
+            index += given
+        elif argument in HYDRA_VALUE_FLAGS and index < len(arguments):
             flags.append(arguments[index])
             index += 1
     return [*flags, f"command={command}", *overrides]

@@ -22,7 +22,8 @@ def test_hydra_flags_go_before_the_command_override():
     assert hydra_arguments("search", ["a=1", "--multirun", "b=2"]) == ["--multirun", "command=search", "a=1", "b=2"]
     assert hydra_arguments("eval", ["--cfg", "job", "task=x"]) == ["--cfg", "job", "command=eval", "task=x"]
     assert hydra_arguments("zoo", ["--info", "searchpath"]) == ["--info", "searchpath", "command=zoo"]
-    assert hydra_arguments("zoo", ["--info", "a=1"]) == ["--info", "command=zoo", "a=1"]
+    assert hydra_arguments("zoo", ["--info", "a=1"]) == ["--info", "all", "command=zoo", "a=1"]
+    assert hydra_arguments("zoo", ["-i"]) == ["-i", "all", "command=zoo"]
 
 
 def _report(best_search: float, test: float, baselines=(0.5, 0.6)) -> dict:
