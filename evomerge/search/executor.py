@@ -134,7 +134,7 @@ class RayExecutor:
                 try:
                     done[index] = ray.get(ref)
                 except ray.exceptions.RayTaskError as error:  # raised past evaluate_safely (not an Exception)
-                    done[index] = Outcome({}, {}, _first_line(error))
+                    done[index] = Outcome({}, {}, _last_line(error))
                 except ray.exceptions.RayError as error:  # the actor's process is gone
                     self._replace(slot)
                     if attempts[index] <= self.max_retries:
