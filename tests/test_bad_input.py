@@ -142,6 +142,8 @@ ROWS = [
     Row("DFS embeddings from a model not in the pool", (*tiny_pool("{a}", "{b}"), "search=dfs_nsga2",
                                                          "search.embed_from=2"),
         "search.embed_from=2: the pool has 2 models"),
+    Row("DFS objective that is no metric", (*tiny_pool("{a}", "{b}"), "search=dfs_nsga2", "search.objectives=[score,-cost]"),
+        "unknown metric '-cost' in search.objectives"),
     Row("DFS scale range without 1", (*tiny_pool("{a}", "{b}"), "search=dfs_nsga2", "search.scale_range=[1.5,2.0]"),
         "search.scale_range [1.5, 2.0] must contain 1"),
     Row("DFS recipe whose block counts do not fit its models", ("eval", "recipe={tmp}/recipe.yaml", "task=toy_ja_qa", OUT),

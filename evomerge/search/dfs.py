@@ -19,7 +19,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
-from evomerge.eval.task import load_task
+from evomerge.eval.task import check_objectives, load_task
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pathmodel import path_length, recipe_path_model, unique_parameters
 from evomerge.pool import Pool
@@ -27,6 +27,9 @@ from evomerge.recipe import DFSRecipe
 from evomerge.search.genome import DFSGenomeSpace
 from evomerge.search.optimizer import NSGA2
 from evomerge.search.run import SearchError
+
+
+PATH_METRICS = ("path_length", "path_fraction")  # what a candidate's path costs, beside the task's metrics
 
 
 class DFSProblem:
@@ -83,9 +86,10 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
     minimised = [name for name in search.objectives if name.startswith("-")]
     if search.objectives[0] in minimised:
         raise SearchError(f"search.objectives[0]={search.objectives[0]!r}: the primary objective is maximised")
+    task = load_task(cfg.task.name, pool.variables)
+    check_objectives(search.objectives, task, extra=PATH_METRICS)
     sources = load_sources(cfg, pool.models)
     space = genome_space(cfg, pool.models, sources)
-    task = load_task(cfg.task.name, pool.variables)
     tokenizer = load_tokenizer(pool.tokenizer_source)
     evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
                           max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
