@@ -16,7 +16,6 @@ from evomerge.pathmodel import (
     HopLayer,
     PathModelError,
     build_path_model,
-    load_path_model,
     recipe_path_model,
     save_path_model,
     unique_parameters,
