@@ -204,3 +204,13 @@ class Evaluator:
         ]
         return task.metrics(scores, self.split), samples
 
+
+
+def pool_evaluator(task: AnyTask, task_settings: Any, tokenizer_source: str, split: str) -> Evaluator:
+    """The evaluator a search builds with its `task` config group's settings: the search split keeps metrics only
+    (a long search scores thousands of candidates), other splits keep every sample for the report."""
+    from evomerge.modelio import load_tokenizer
+
+    return Evaluator(task, split, load_tokenizer(tokenizer_source), batch_size=task_settings.batch_size,
+                     max_new_tokens=task_settings.max_new_tokens,
+                     cache=ResultCache(keep_samples=False) if split == "search" else None, progress=False)

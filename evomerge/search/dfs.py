@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
-from evomerge.eval.evaluator import Evaluator, ResultCache
+from evomerge.eval.evaluator import Evaluator, pool_evaluator
 from evomerge.eval.task import check_objectives, load_task
-from evomerge.modelio import load_model, load_tokenizer
+from evomerge.modelio import load_model
 from evomerge.pathmodel import path_length, recipe_path_model, unique_parameters
 from evomerge.pool import Pool
 from evomerge.recipe import DFSRecipe
@@ -53,7 +53,8 @@ class DFSProblem:
         model = self.model(recipe)
         built = time.perf_counter()
         metrics = dict(self.evaluator.evaluate(model, model_key=recipe.hash).metrics)
-        metrics.update(path_length=path_length(model), path_fraction=round(path_length(model) / self.space.slots, 6))
+        length = path_length(model)
+        metrics.update(path_length=length, path_fraction=round(length / self.space.slots, 6))
         return metrics, {"merge": round(built - started, 4), "eval": round(time.perf_counter() - built, 4)}
 
 
@@ -90,9 +91,7 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
     check_objectives(search.objectives, task, extra=PATH_METRICS)
     sources = load_sources(cfg, pool.models)
     space = genome_space(cfg, pool.models, sources)
-    tokenizer = load_tokenizer(pool.tokenizer_source)
-    evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
-                          max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
+    evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "search")
     problem = DFSProblem(space, sources, evaluator, tuple(search.objectives))
     initial = space.initial_population(int(search.popsize), int(search.seed), float(search.include_probability))
     optimizer = lambda: NSGA2(space.slots, space.blocks**2, len(search.objectives), seed=int(search.seed),  # noqa: E731
@@ -133,10 +132,7 @@ def front_summary(front: Sequence[dict[str, Any]], objectives: Sequence[str]) ->
 def held_out_rows(cfg: DictConfig, pool: Pool, problem: DFSProblem, chosen: DFSRecipe, kind: str,
                   name: str) -> list[dict[str, Any]]:
     """The pool's models and the chosen path on the test split, each with parameters and path length."""
-    tokenizer = load_tokenizer(pool.tokenizer_source)
-    task = load_task(cfg.task.name, pool.variables)
-    evaluator = Evaluator(task, "test", tokenizer, batch_size=cfg.task.batch_size,
-                          max_new_tokens=cfg.task.max_new_tokens, progress=False)
+    evaluator = pool_evaluator(load_task(cfg.task.name, pool.variables), cfg.task, pool.tokenizer_source, "test")
     objective = cfg.search.objectives[0]
     rows = []
     models = [(label, "source", source, f"source:{path}", None)

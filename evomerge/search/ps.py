@@ -10,13 +10,13 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.eval.evaluator import Evaluator, ResultCache
+from evomerge.eval.evaluator import Evaluator, pool_evaluator
 from evomerge.eval.task import check_objectives, load_task
 from evomerge.merge import MergeError
 from evomerge.merge.command import recipe_from_merge_config
 from evomerge.merge.groups import count_blocks, group_names
 from evomerge.merge.memory import InMemoryMerger
-from evomerge.modelio import load_model, load_tokenizer
+from evomerge.modelio import load_model
 from evomerge.pathmodel import path_length, unique_parameters
 from evomerge.pool import Pool
 from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, PSRecipe
@@ -74,13 +74,11 @@ def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
 
 
 def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
-    tokenizer = load_tokenizer(pool.tokenizer_source)
     merger = InMemoryMerger(pool.base, pool.models, device=cfg.device)
     space = genome_space(cfg, pool, merger.names)
     task = load_task(cfg.task.name, pool.variables)
     check_objectives(cfg.search.objectives, task)
-    evaluator = Evaluator(task, "search", tokenizer, batch_size=cfg.task.batch_size,
-                          max_new_tokens=cfg.task.max_new_tokens, cache=ResultCache(keep_samples=False), progress=False)
+    evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "search")
     problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
     if cfg.search.start not in ("center", "merge_defaults"):
         raise SearchError(f"search.start={cfg.search.start!r}: use 'merge_defaults' or 'center'")
@@ -108,10 +106,8 @@ def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
 
 def held_out_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: PSRecipe) -> dict[str, Any]:
     """Sources, uniform baselines and the best recipe on the held-out test split; `fitness` = the objective."""
-    tokenizer = load_tokenizer(pool.tokenizer_source)
     task = load_task(cfg.task.name, pool.variables)
-    evaluator = Evaluator(task, "test", tokenizer, batch_size=cfg.task.batch_size,
-                          max_new_tokens=cfg.task.max_new_tokens, progress=False)
+    evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "test")
     objective = cfg.search.objectives[0]
     rows = []
 

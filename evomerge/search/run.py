@@ -68,11 +68,12 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> l
 
 @dataclass(frozen=True)
 class Outcome:
-    """One evaluated recipe: its metrics and timings, or the error that ended it."""
+    """One evaluated recipe: its metrics, timings and fitness (the problem's objectives), or the error that ended it."""
 
     metrics: dict[str, Any]
     seconds: dict[str, float]
     error: str | None = None
+    fitness: tuple[float, ...] = ()
 
 
 def evaluate_safely(problem: Problem, recipe: Recipe) -> Outcome:
@@ -80,8 +81,7 @@ def evaluate_safely(problem: Problem, recipe: Recipe) -> Outcome:
     logits or metrics, running out of memory) becomes a logged error and the candidate scores as failed."""
     try:
         metrics, seconds = problem.evaluate(recipe)
-        objective_values(metrics, problem.objectives)
-        return Outcome(metrics, seconds)
+        return Outcome(metrics, seconds, fitness=tuple(objective_values(metrics, problem.objectives)))
     except Exception as exc:
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         out_of_memory = _is_out_of_memory(exc)
@@ -349,7 +349,7 @@ def _generation(problem: Problem, executor: Executor, genomes: Sequence[np.ndarr
         elif kind == "new":
             outcome = next(outcomes)
             fitness = ([FAILED_FITNESS] * len(problem.objectives) if outcome.error
-                       else objective_values(outcome.metrics, problem.objectives))
+                       else list(outcome.fitness))
             entry.update(metrics=outcome.metrics, fitness=fitness, seconds=outcome.seconds, cached=False,
                          error=outcome.error)
             if outcome.error is None:

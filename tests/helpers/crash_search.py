@@ -14,11 +14,9 @@ can aim at a phase and, after the kill, read which phase was running.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +25,7 @@ import numpy as np
 import evomerge.search.run as run_module
 from evomerge.search.optimizer import CMAES
 from evomerge.search.run import Budget, run_search
+from tests.helpers.synthetic_search import VectorRecipe
 
 PHASE_SECONDS = {"merge": 0.02, "eval": 0.03, "fsync": 0.004, "checkpoint": 0.015}
 POPSIZE, DIM = 4, 3
@@ -38,19 +37,6 @@ class Trace:
 
     def __call__(self, phase: str) -> None:
         os.write(self.fd, f"{phase}\n".encode())  # one unbuffered append: on disk before the next instruction
-
-
-@dataclass(frozen=True)
-class VectorRecipe:
-    values: tuple[float, ...]
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(repr(self.values).encode()).hexdigest()[:12]
-
-    def save(self, path) -> Path:
-        Path(path).write_text(f"values: {list(self.values)}\n")
-        return Path(path)
 
 
 class SlowProblem:
