@@ -25,8 +25,10 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from evomerge.eval.generate import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_DECODE_PADDING,
     DEFAULT_MAX_PADDING,
     MIN_SHARED_PREFIX,
+    EncodedPrompts,
     GenerationSettings,
     cut_at_stop,
     encode_prompts,
@@ -83,14 +85,17 @@ def hf_generate(model, tokenizer, prompts: list[str], settings: GenerationSettin
     return [cut_at_stop(text, settings.stop_strings) for text in texts]
 
 
-def timed(function: Callable[[], list[str]], repeats: int) -> tuple[float, list[str]]:
-    """Best wall time of `repeats` runs (the machine is shared, so the minimum is the least disturbed)."""
-    best, result = float("inf"), []
+def timed(methods: dict[str, Callable[[], list[str]]], repeats: int) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Each method's best wall time over `repeats` rounds, the methods taking turns within each round (the
+    machine is shared: taking turns spreads a slow spell over all of them, the minimum is the least disturbed)."""
+    best = {name: float("inf") for name in methods}
+    results: dict[str, list[str]] = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, function in methods.items():
+            start = time.perf_counter()
+            results[name] = function()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 def main() -> None:
@@ -102,7 +107,13 @@ def main() -> None:
     parser.add_argument("--stop", action="append", help="stop string (repeatable; default: a newline)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="the evaluator's most rows per batch")
     parser.add_argument(
-        "--max-padding", type=float, default=DEFAULT_MAX_PADDING, help="the evaluator's most padding share per batch"
+        "--max-padding", type=float, default=DEFAULT_MAX_PADDING, help="the evaluator's most padding share per prompt batch"
+    )
+    parser.add_argument(
+        "--max-decode-padding",
+        type=float,
+        default=DEFAULT_MAX_DECODE_PADDING,
+        help="the evaluator's most padding share per decode group",
     )
     parser.add_argument(
         "--min-shared-prefix",
@@ -122,38 +133,51 @@ def main() -> None:
         model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         prompts = mgsm_prompts(args.n) if args.prompts == "mgsm" else toy_prompts(args.n)
         settings = GenerationSettings(
-            args.max_new_tokens, tuple(args.stop or ["\n"]), args.batch_size, args.max_padding
+            args.max_new_tokens,
+            tuple(args.stop or ["\n"]),
+            args.batch_size,
+            args.max_padding,
+            max_decode_padding=args.max_decode_padding,
         )
         hf_generate(model, tokenizer, prompts[:4], settings)  # warm-up: first calls pay one-off costs
-        min_shared_prefix = args.min_shared_prefix or None
 
-        def evaluator() -> list[str]:
-            """As an Evaluator's first candidate: tokenize and batch, then generate (prefix read included)."""
-            encoded = encode_prompts(
-                tokenizer, prompts, settings.batch_size, settings.max_padding, min_shared_prefix=min_shared_prefix
+        def encode() -> EncodedPrompts:
+            return encode_prompts(
+                tokenizer,
+                prompts,
+                settings.batch_size,
+                settings.max_padding,
+                min_shared_prefix=args.min_shared_prefix or None,
+                max_decode_padding=settings.max_decode_padding,
             )
-            return generate_encoded(model, tokenizer, encoded, settings, progress=False)
 
-        evaluator_s, evaluator_texts = timed(evaluator, args.repeats)
-        hf_batched_s, hf_texts = timed(lambda: hf_generate(model, tokenizer, prompts, settings), args.repeats)
-        loop_s, loop_texts = timed(lambda: [hf_generate(model, tokenizer, [p], settings)[0] for p in prompts], args.repeats)
+        methods = {
+            # As an Evaluator's first candidate: tokenize and group, then generate (prefix read included).
+            "evaluator": lambda: generate_encoded(model, tokenizer, encode(), settings, progress=False),
+            "hf_batched": lambda: hf_generate(model, tokenizer, prompts, settings),
+            "loop": lambda: [hf_generate(model, tokenizer, [p], settings)[0] for p in prompts],
+        }
+        seconds, texts = timed(methods, args.repeats)
 
     # Tokens of the returned (stop-cut) generations, re-encoded: what the evaluator delivers per second.
-    generated_tokens = sum(len(ids) for ids in tokenizer(evaluator_texts, add_special_tokens=False)["input_ids"])
-    encoded = encode_prompts(tokenizer, prompts, settings.batch_size, settings.max_padding, min_shared_prefix=min_shared_prefix)
+    generated_tokens = sum(len(ids) for ids in tokenizer(texts["evaluator"], add_special_tokens=False)["input_ids"])
+    encoded = encode()
+    evaluator_s = seconds["evaluator"]
     summary = {
         "prompts": args.prompts,
         "n": len(prompts),
         "evaluator_s": round(evaluator_s, 3),
-        "hf_batched_s": round(hf_batched_s, 3),
-        "loop_s": round(loop_s, 3),
-        "vs_hf_batched": round(hf_batched_s / evaluator_s, 2),
-        "vs_loop": round(loop_s / evaluator_s, 2),
-        "identical": evaluator_texts == hf_texts == loop_texts,
+        "hf_batched_s": round(seconds["hf_batched"], 3),
+        "loop_s": round(seconds["loop"], 3),
+        "vs_hf_batched": round(seconds["hf_batched"] / evaluator_s, 2),
+        "vs_loop": round(seconds["loop"] / evaluator_s, 2),
+        "identical": texts["evaluator"] == texts["hf_batched"] == texts["loop"],
         "tokens_per_s": round(generated_tokens / evaluator_s, 1),
-        "shared_prefix_tokens": 0 if encoded.prefix_ids is None else encoded.prefix_ids.shape[1],
-        "evaluator_batches": len(encoded.batches),
+        "shared_prefix_tokens": encoded.prefix_length,
+        "evaluator_groups": len(encoded.groups),
+        "evaluator_prompt_batches": sum(len(group.batches) for group in encoded.groups),
         "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
     }
     if args.json:
         print(json.dumps(summary))
@@ -163,13 +187,14 @@ def main() -> None:
         f"model: {model_dir if args.model else 'random toy Mistral'} ({sum(p.numel() for p in model.parameters()):,} params), "
         f"{len(prompts)} {args.prompts} prompts of {min(prompt_lengths)}-{max(prompt_lengths)} tokens, "
         f"max_new_tokens={settings.max_new_tokens}, stop={list(settings.stop_strings)}, "
-        f"evaluator batches: at most {settings.batch_size} rows and {settings.max_padding:.0%} padding "
-        f"({summary['evaluator_batches']} batches, shared prefix {summary['shared_prefix_tokens']} tokens), "
-        f"torch threads={torch.get_num_threads()}"
+        f"evaluator: {summary['evaluator_groups']} decode groups (at most {settings.batch_size} rows, "
+        f"{settings.max_decode_padding:.0%} padding) read in {summary['evaluator_prompt_batches']} prompt batches "
+        f"({settings.max_padding:.0%} padding), shared prefix {summary['shared_prefix_tokens']} tokens, "
+        f"torch threads={torch.get_num_threads()}, best of {args.repeats}"
     )
     print(f"evaluator           {evaluator_s:8.2f} s   {generated_tokens / evaluator_s:8.1f} generated tokens/s")
-    print(f"HF one padded batch {hf_batched_s:8.2f} s   evaluator speed-up {hf_batched_s / evaluator_s:5.2f}x")
-    print(f"per-sample loop     {loop_s:8.2f} s   evaluator speed-up {loop_s / evaluator_s:5.2f}x")
+    for name, label in (("hf_batched", "HF one padded batch"), ("loop", "per-sample loop    ")):
+        print(f"{label} {seconds[name]:8.2f} s   evaluator speed-up {seconds[name] / evaluator_s:5.2f}x")
     print(f"identical generations: {summary['identical']}")
 
 

@@ -109,6 +109,8 @@ ROWS = [
     Row("missing model path (eval)", ("eval", "model={tmp}/nowhere", "task=toy_ja_qa", OUT),
         "model '{tmp}/nowhere' is not a model directory"),
     Row("no model to evaluate", ("eval", "task=toy_ja_qa", OUT), "evomerge eval needs one of model="),
+    Row("decode padding out of range", ("eval", "model={base}", "task=toy_ja_qa", "+max_decode_padding=1.5", OUT),
+        "max_padding and max_decode_padding must be in [0, 1)"),
     Row("hub id while offline", (*tiny_pool("evomerge-tests/no-such-model"),),
         "model 'evomerge-tests/no-such-model' is not a local directory and the hub is offline",
         env={"HF_HUB_OFFLINE": "1"}),

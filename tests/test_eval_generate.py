@@ -48,25 +48,40 @@ class RecordingModel:
         return output
 
 
-def test_batches_are_length_sorted_and_left_padded(tokenizer):
-    encoded = encode_prompts(tokenizer, PROMPTS, batch_size=3, max_padding=0.99)
+def padding_share(mask) -> float:
+    return 1 - mask.float().mean().item()
+
+
+def test_groups_and_batches_are_length_sorted_and_left_padded(tokenizer):
+    encoded = encode_prompts(tokenizer, PROMPTS, batch_size=3, max_padding=0.99, max_decode_padding=0.99)
     lengths = [len(ids) for ids in tokenizer(PROMPTS)["input_ids"]]
-    assert [len(b.positions) for b in encoded.batches] == [3, 3, 1] and encoded.count == len(PROMPTS)
-    flat_order = [position for batch in encoded.batches for position in batch.positions]
+    assert encoded.prefix_ids is None and encoded.count == len(PROMPTS)
+    assert [len(g.positions) for g in encoded.groups] == [3, 3, 1]
+    flat_order = [position for group in encoded.groups for position in group.positions]
     assert flat_order != list(range(len(PROMPTS)))  # sorting really reorders, so restoring order is tested
     assert [lengths[p] for p in flat_order] == sorted(lengths, reverse=True)
-    for batch in encoded.batches:
-        assert batch.attention_mask[:, -1].all()  # real tokens end every row: padding is on the left
-        assert batch.input_ids.shape[1] == max(lengths[p] for p in batch.positions)
+    for group in encoded.groups:
+        assert group.attention_mask[:, -1].all()  # real tokens end every row: padding is on the left
+        assert group.input_ids.shape[1] == max(lengths[p] for p in group.positions)
+        assert [(b.rows.start, b.rows.stop) for b in group.batches] == [(0, len(group.positions))]
     longest = max(lengths)
-    budgeted = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.99, max_batch_tokens=2 * longest)
-    assert len(budgeted.batches[0].positions) == 2  # the two longest prompts fill the token budget
-    assert all(b.input_ids.numel() <= 2 * longest or len(b.positions) == 1 for b in budgeted.batches)
-    assert sorted(p for b in budgeted.batches for p in b.positions) == list(range(len(PROMPTS)))
+    budgeted = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.99, max_batch_tokens=2 * longest,
+                              max_decode_padding=0.99)
+    assert len(budgeted.groups[0].positions) == 2  # the two longest prompts fill the token budget
+    assert all(g.input_ids.numel() <= 2 * longest or len(g.positions) == 1 for g in budgeted.groups)
+    assert sorted(p for g in budgeted.groups for p in g.positions) == list(range(len(PROMPTS)))
     for max_padding in (0.0, 0.3):
-        for batch in encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=max_padding).batches:
-            assert 1 - batch.attention_mask.float().mean() <= max_padding
-    assert len(encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.99).batches) == 1
+        encoded = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=max_padding, max_decode_padding=0.99)
+        assert len(encoded.groups) == 1  # decoded together, read in prompt batches of nearly equal length
+        (group,) = encoded.groups
+        assert [b.rows.start for b in group.batches[1:]] == [b.rows.stop for b in group.batches[:-1]]
+        for batch in group.batches:
+            own = group.attention_mask[batch.rows][:, group.columns(batch, 0)]
+            assert padding_share(own) <= max_padding and batch.width == own.shape[1]
+            assert batch.width == max(lengths[p] for p in group.positions[batch.rows])
+        assert len(group.batches) > 1
+        for group in encode_prompts(tokenizer, PROMPTS, batch_size=10, max_decode_padding=max_padding).groups:
+            assert padding_share(group.attention_mask) <= max_padding
     tokenizer.padding_side = "right"
     try:
         with pytest.raises(ValueError, match="left-padding"):
@@ -83,6 +98,9 @@ def test_batched_generation_equals_one_at_a_time_and_is_deterministic(model, tok
     assert generate_greedy(model, tokenizer, PROMPTS, GenerationSettings(12, batch_size=7, max_padding=0.99), progress=False) == batched
     budgeted = GenerationSettings(12, batch_size=7, max_padding=0.1, max_batch_tokens=60)
     assert generate_greedy(model, tokenizer, PROMPTS, budgeted, progress=False) == batched
+    # One decode group read in many prompt batches: each batch's cache lands in the group's columns for it.
+    grouped = GenerationSettings(12, batch_size=7, max_padding=0.0, max_decode_padding=0.99)
+    assert generate_greedy(model, tokenizer, PROMPTS, grouped, progress=False) == batched
     assert len(set(batched)) > 1 and all(batched)  # real, differing generations rather than empty strings
 
 
@@ -107,7 +125,7 @@ def test_stop_strings_cut_the_text_and_end_the_batch_early(model, tokenizer):
     # Rows whose stop string comes within 20 characters (so within 20 tokens) end the batch before 24 tokens.
     hitting = [prompt for prompt, text in zip(PROMPTS, unstopped) if 0 <= text.find(stop) < 20]
     recording = RecordingModel(model)
-    generate_greedy(recording, tokenizer, hitting, GenerationSettings(24, (stop,), batch_size=len(hitting), max_padding=0.99), progress=False)
+    generate_greedy(recording, tokenizer, hitting, GenerationSettings(24, (stop,), batch_size=len(hitting), max_padding=0.99, max_decode_padding=0.99), progress=False)
     assert len(recording.new_token_counts) == 1 and recording.new_token_counts[0] <= 21
 
 

@@ -9,12 +9,12 @@ from transformers import MistralForCausalLM
 from evomerge.eval import Evaluator, GenerationSettings, encode_prompts, generate_greedy, load_task
 from evomerge.eval.generate import (
     RaiseOnNonFiniteLogits,
-    batch_cache,
     common_prefix_length,
     cut_at_stop,
     generate_encoded,
     greedy_config,
     prefix_cache,
+    static_cache,
 )
 from evomerge.modelio import load_model, load_tokenizer
 
@@ -83,20 +83,23 @@ def test_common_prefix_is_found_and_stops_short_of_the_shortest_prompt(tokenizer
     assert common_prefix_length([[1, 2], [1, 2, 3]]) == 1
     assert common_prefix_length([[5, 6, 7]]) == 2 and common_prefix_length([]) == 0
 
-    encoded = encode_prompts(tokenizer, PROMPTS, batch_size=3, max_padding=0.99)
-    assert encoded.prefix_ids.tolist() == [header[:shared]]
-    assert sorted(p for b in encoded.batches for p in b.positions) == list(range(len(PROMPTS)))
-    for batch in encoded.batches:
-        assert (batch.input_ids[:, :shared] == encoded.prefix_ids).all() and batch.attention_mask[:, :shared].all()
-        assert batch.attention_mask[:, -1].all()  # every row ends with its own last real token
-        for row, position in enumerate(batch.positions):
-            mask = batch.attention_mask[row].bool()
-            assert batch.input_ids[row][mask].tolist() == full[position]  # prefix + suffix = the prompt's tokens
+    encoded = encode_prompts(tokenizer, PROMPTS, batch_size=3, max_padding=0.99, max_decode_padding=0.99)
+    assert encoded.prefix_ids.tolist() == [header[:shared]] and encoded.prefix_length == shared
+    assert sorted(p for g in encoded.groups for p in g.positions) == list(range(len(PROMPTS)))
+    for group in encoded.groups:
+        assert (group.input_ids[:, :shared] == encoded.prefix_ids).all() and group.attention_mask[:, :shared].all()
+        assert group.attention_mask[:, -1].all()  # every row ends with its own last real token
+        for row, position in enumerate(group.positions):
+            mask = group.attention_mask[row].bool()
+            assert group.input_ids[row][mask].tolist() == full[position]  # prefix + suffix = the prompt's tokens
             pads = (~mask).nonzero().flatten()
             assert all(shared <= index < len(mask) - (len(full[position]) - shared) for index in pads.tolist())
-    # Padding is measured on the suffixes: with 0% allowed, each batch holds suffixes of one length.
-    for batch in encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.0).batches:
-        assert batch.attention_mask.all()
+    # Prompt-batch padding is measured on the suffixes: with 0% allowed, each batch's own columns are all real.
+    (group,) = encode_prompts(tokenizer, PROMPTS, batch_size=10, max_padding=0.0, max_decode_padding=0.99).groups
+    assert len(group.batches) > 1
+    for batch in group.batches:
+        own = group.attention_mask[batch.rows][:, group.columns(batch, shared)]
+        assert own.all() and (group.input_ids[batch.rows][:, :shared] == encoded.prefix_ids).all()
 
 
 def test_short_or_absent_prefixes_use_plain_left_padding(tokenizer):
@@ -109,13 +112,13 @@ def test_short_or_absent_prefixes_use_plain_left_padding(tokenizer):
     assert encode_prompts(tokenizer, PROMPTS, min_shared_prefix=shared).prefix_ids.shape == (1, shared)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_shared_prefix_generations_equal_one_at_a_time(model, tokenizer, batch_size):
-    settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size, max_padding=0.99)
+@pytest.mark.parametrize(("batch_size", "max_padding"), [(1, 0.99), (3, 0.99), (8, 0.99), (8, 0.0)])
+def test_shared_prefix_generations_equal_one_at_a_time(model, tokenizer, batch_size, max_padding):
+    settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size, max_padding=max_padding)
     expected = one_at_a_time(model, tokenizer, PROMPTS, settings)
     assert len(set(expected)) > 1 and all(expected)  # real, differing generations
-    encoded = encode_prompts(tokenizer, PROMPTS, batch_size, 0.99)
-    assert encoded.prefix_ids is not None and len(encoded.batches) == -(-len(PROMPTS) // batch_size)
+    encoded = encode_prompts(tokenizer, PROMPTS, batch_size, max_padding, max_decode_padding=0.99)
+    assert encoded.prefix_ids is not None and len(encoded.groups) == -(-len(PROMPTS) // batch_size)
     counter = TokenCounter(model)
     try:
         shared = generate_encoded(model, tokenizer, encoded, settings, progress=False)
@@ -126,11 +129,14 @@ def test_shared_prefix_generations_equal_one_at_a_time(model, tokenizer, batch_s
     finally:
         counter.close()
     assert shared == unshared == expected
-    prefix = encoded.prefix_ids.shape[1]
-    # The prefix is read once, then each batch reads only its suffix columns.
+    prefix = encoded.prefix_length
+    batches = [batch for group in encoded.groups for batch in group.batches]
+    # The prefix is read once, then each prompt batch reads only its suffix columns but the last (which the
+    # decoding of its group reads, one column per step).
     assert reads[0] == (1, prefix)
-    assert reads[1:] == [(len(b.positions), b.input_ids.shape[1] - prefix) for b in encoded.batches if b.input_ids.shape[1] - prefix > 1]
-    assert unshared_reads == [tuple(b.input_ids.shape) for b in encoded.batches]
+    rows = [batch.rows.stop - batch.rows.start for batch in batches]
+    assert reads[1:] == [(n, b.width - 1 - prefix) for n, b in zip(rows, batches) if b.width - 1 - prefix > 1]
+    assert unshared_reads == [(n, b.width - 1) for n, b in zip(rows, batches)]
     plain = encode_prompts(tokenizer, PROMPTS, batch_size, 0.99, min_shared_prefix=None)
     assert generate_encoded(model, tokenizer, plain, settings, progress=False) == expected
 
@@ -142,7 +148,7 @@ def test_shared_prefix_with_stop_strings_and_a_token_budget(model, tokenizer):
     stopped = GenerationSettings(20, (stop,), batch_size=4, max_padding=0.2, max_batch_tokens=200)
     encoded = encode_prompts(tokenizer, PROMPTS, 4, 0.2, max_batch_tokens=200)
     assert encoded.prefix_ids is not None
-    assert all(b.input_ids.numel() <= 200 or len(b.positions) == 1 for b in encoded.batches)  # counts the prefix too
+    assert all(g.input_ids.numel() <= 200 or len(g.positions) == 1 for g in encoded.groups)  # counts the prefix too
     assert generate_encoded(model, tokenizer, encoded, stopped, progress=False) == [cut_at_stop(t, [stop]) for t in unstopped]
 
 
@@ -160,7 +166,7 @@ def test_a_model_without_a_usable_cache_still_generates_the_same(model, tokenize
     )
 
 
-def test_the_prefix_cache_is_copied_per_batch_and_skipped_where_a_window_would_slide(tokenizer):
+def test_the_prefix_cache_is_copied_per_batch_and_no_cache_is_made_where_a_window_would_slide(tokenizer):
     torch.manual_seed(0)
     config = tiny_config(len(tokenizer))
     config.sliding_window = 64
@@ -170,9 +176,10 @@ def test_the_prefix_cache_is_copied_per_batch_and_skipped_where_a_window_would_s
     with torch.inference_mode():
         cache = prefix_cache(windowed, encoded.prefix_ids)
     assert cache is not None and cache.get_seq_length() == prefix < 64
-    copied = batch_cache(cache, rows=3, width=prefix + 5, max_new_tokens=4)
+    copied = static_cache(windowed, prefix + 5 + 4, cache, rows=3)
     assert copied is not None and copied.layers[0].keys.shape[0] == 3 and cache.layers[0].keys.shape[0] == 1
-    assert batch_cache(cache, rows=3, width=prefix + 5, max_new_tokens=64) is None  # the window would slide
+    assert copied.get_seq_length() == prefix
+    assert static_cache(windowed, prefix + 5 + 64, cache, rows=3) is None  # the window would slide
     settings = GenerationSettings(max_new_tokens=6, batch_size=3, max_padding=0.99)
     short = [p for p in PROMPTS if len(tokenizer(p)["input_ids"]) + 6 < 64]
     assert generate_greedy(windowed, tokenizer, short, settings, progress=False) == one_at_a_time(windowed, tokenizer, short, settings)

@@ -2,9 +2,9 @@
 
 The JSON report holds the metrics and every sample (prompt, generation, extracted answer, gold, Japanese
 probability). Keys read from the config: model, task (the `task` group entry or a bare name), split,
-out, batch_size / max_padding / max_batch_tokens / max_new_tokens (also inside the task entry), dtype,
-device, cache (a JSON result-cache file), progress, and task variables: zoo_dir (else derived from
-`zoo` + `home`), mgsm_dir.
+out, batch_size / max_padding / max_decode_padding / max_batch_tokens / max_new_tokens (also inside the
+task entry), dtype, device, cache (a JSON result-cache file), progress, and task variables: zoo_dir
+(else derived from `zoo` + `home`), mgsm_dir.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
-from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PADDING
+from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DECODE_PADDING, DEFAULT_MAX_PADDING
 from evomerge.eval.task import TaskError, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
@@ -51,8 +51,9 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         task,
         split,
         tokenizer,
-        batch_size=_option("batch_size", cfg, task_options) or DEFAULT_BATCH_SIZE,
-        max_padding=_option("max_padding", cfg, task_options) or DEFAULT_MAX_PADDING,
+        batch_size=_option("batch_size", cfg, task_options, DEFAULT_BATCH_SIZE),
+        max_padding=_option("max_padding", cfg, task_options, DEFAULT_MAX_PADDING),
+        max_decode_padding=_option("max_decode_padding", cfg, task_options, DEFAULT_MAX_DECODE_PADDING),
         max_batch_tokens=_option("max_batch_tokens", cfg, task_options),
         max_new_tokens=_option("max_new_tokens", cfg, task_options),
         cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
@@ -94,10 +95,13 @@ def _task_entry(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     return options.pop("name"), options
 
 
-def _option(key: str, cfg: DictConfig, task_options: dict[str, Any]) -> Any:
-    """A top-level override (batch_size=...) wins over the task group's value (task.batch_size)."""
-    value = cfg.get(key)
-    return value if value is not None else task_options.get(key)
+def _option(key: str, cfg: DictConfig, task_options: dict[str, Any], default: Any = None) -> Any:
+    """A top-level override (batch_size=...) wins over the task group's value (task.batch_size), which wins
+    over `default` (0 is a value, not a missing one)."""
+    for value in (cfg.get(key), task_options.get(key)):
+        if value is not None:
+            return value
+    return default
 
 
 def _task_variables(cfg: DictConfig) -> dict[str, str]:

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from evomerge.eval.generate import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_DECODE_PADDING,
     DEFAULT_MAX_PADDING,
     EncodedPrompts,
     GenerationSettings,
@@ -109,6 +110,7 @@ class Evaluator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_padding: float = DEFAULT_MAX_PADDING,
         max_batch_tokens: int | None = None,
+        max_decode_padding: float = DEFAULT_MAX_DECODE_PADDING,
         max_new_tokens: int | None = None,
         cache: ResultCache | None = None,
         progress: bool = True,
@@ -130,6 +132,7 @@ class Evaluator:
                     batch_size=batch_size,
                     max_padding=max_padding,
                     max_batch_tokens=max_batch_tokens,
+                    max_decode_padding=max_decode_padding,
                 ),
             )
             for plain in plain_tasks
@@ -143,7 +146,8 @@ class Evaluator:
         )
         fingerprint = hashlib.sha256(contents.encode()).hexdigest()[:16]
         encoded = encode_prompts(
-            self.tokenizer, prompts, settings.batch_size, settings.max_padding, settings.max_batch_tokens
+            self.tokenizer, prompts, settings.batch_size, settings.max_padding, settings.max_batch_tokens,
+            max_decode_padding=settings.max_decode_padding,
         )
         return _PreparedTask(task, data, prompts, encoded, settings, fingerprint)
 
