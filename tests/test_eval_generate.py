@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from evomerge.eval import Evaluator, GenerationSettings, ResultCache, encode_prompts, generate_greedy, load_task
-from evomerge.eval.generate import StopOnStrings, cut_at_stop
+from evomerge.eval.evaluator import generation_options, pool_evaluator
+from evomerge.eval.generate import DEFAULT_MAX_DECODE_PADDING, StopOnStrings, cut_at_stop
 from evomerge.modelio import load_model, load_tokenizer
 
 PROMPTS = [
@@ -172,6 +173,20 @@ def test_evaluator_metrics_samples_and_split(model, tokenizer, tmp_path):
     assert result.data_sources["toy_ja_math"].endswith("toy_ja_math/search.jsonl")
     test_result = Evaluator(task, "test", tokenizer, progress=False).evaluate(model)
     assert test_result.split == "test" and test_result.samples[0]["prompt"].endswith("（テスト）\n答え：")
+
+
+def test_a_search_evaluator_takes_every_generation_option_of_its_task_entry(tiny_checkpoints, tmp_path):
+    assert generation_options({"max_padding": 0.0}, {"max_padding": 0.3, "batch_size": 8, "max_new_tokens": None}) == {
+        "batch_size": 8, "max_padding": 0.0, "max_decode_padding": DEFAULT_MAX_DECODE_PADDING,
+        "max_batch_tokens": None, "max_new_tokens": None,
+    }  # the first source that sets an option wins, and 0 is a value
+    task = load_task("toy_en_math", {"zoo_dir": str(write_toy_zoo(tmp_path))})
+    entry = {"name": "toy_en_math", "batch_size": 2, "max_padding": 0.0, "max_decode_padding": 0.05,
+             "max_batch_tokens": 64, "max_new_tokens": 7}
+    (prepared,) = pool_evaluator(task, entry, tiny_checkpoints["base"], "search").prepared
+    assert prepared.settings == GenerationSettings(7, ("\n",), batch_size=2, max_padding=0.0, max_batch_tokens=64,
+                                                   max_decode_padding=0.05)
+    assert all(len(group.positions) <= 2 for group in prepared.encoded.groups)
 
 
 def task_prompts(task, split):

@@ -16,8 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.eval.evaluator import Evaluator, ResultCache
-from evomerge.eval.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_DECODE_PADDING, DEFAULT_MAX_PADDING
+from evomerge.eval.evaluator import Evaluator, ResultCache, generation_options
 from evomerge.eval.task import TaskError, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
@@ -51,11 +50,7 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         task,
         split,
         tokenizer,
-        batch_size=_option("batch_size", cfg, task_options, DEFAULT_BATCH_SIZE),
-        max_padding=_option("max_padding", cfg, task_options, DEFAULT_MAX_PADDING),
-        max_decode_padding=_option("max_decode_padding", cfg, task_options, DEFAULT_MAX_DECODE_PADDING),
-        max_batch_tokens=_option("max_batch_tokens", cfg, task_options),
-        max_new_tokens=_option("max_new_tokens", cfg, task_options),
+        **generation_options(cfg, task_options),  # a top-level override wins over the task entry's value
         cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
         progress=bool(cfg.get("progress", True)),
     )
@@ -93,15 +88,6 @@ def _task_entry(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     if "name" not in options:
         raise TaskError(f"the task config {options} has no 'name'")
     return options.pop("name"), options
-
-
-def _option(key: str, cfg: DictConfig, task_options: dict[str, Any], default: Any = None) -> Any:
-    """A top-level override (batch_size=...) wins over the task group's value (task.batch_size), which wins
-    over `default` (0 is a value, not a missing one)."""
-    for value in (cfg.get(key), task_options.get(key)):
-        if value is not None:
-            return value
-    return default
 
 
 def _task_variables(cfg: DictConfig) -> dict[str, str]:

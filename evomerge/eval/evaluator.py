@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -210,11 +211,29 @@ class Evaluator:
 
 
 
-def pool_evaluator(task: AnyTask, task_settings: Any, tokenizer_source: str, split: str) -> Evaluator:
+GENERATION_OPTIONS = {
+    "batch_size": DEFAULT_BATCH_SIZE,
+    "max_padding": DEFAULT_MAX_PADDING,
+    "max_decode_padding": DEFAULT_MAX_DECODE_PADDING,
+    "max_batch_tokens": None,
+    "max_new_tokens": None,  # None: each task's own
+}
+
+
+def generation_options(*sources: Mapping[str, Any]) -> dict[str, Any]:
+    """The Evaluator's generation options from config mappings (a `task` group entry, overrides): for each
+    option the first source that sets it (not None; 0 is a value) wins, else its default."""
+    options = {}
+    for name, default in GENERATION_OPTIONS.items():
+        values = [source.get(name) for source in sources if source.get(name) is not None]
+        options[name] = values[0] if values else default
+    return options
+
+
+def pool_evaluator(task: AnyTask, task_settings: Mapping[str, Any], tokenizer_source: str, split: str) -> Evaluator:
     """The evaluator a search builds with its `task` config group's settings: the search split keeps metrics only
     (a long search scores thousands of candidates), other splits keep every sample for the report."""
     from evomerge.modelio import load_tokenizer
 
-    return Evaluator(task, split, load_tokenizer(tokenizer_source), batch_size=task_settings.batch_size,
-                     max_new_tokens=task_settings.max_new_tokens,
+    return Evaluator(task, split, load_tokenizer(tokenizer_source), **generation_options(task_settings),
                      cache=ResultCache(keep_samples=False) if split == "search" else None, progress=False)
