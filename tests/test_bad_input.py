@@ -104,6 +104,10 @@ MICRO = ("search", "zoo=micro", "home={zoo_home}", "progress=false", "search.pop
 OUT = "out={tmp}/out"
 
 ROWS = [
+    Row("population size that is not a number", (*tiny_pool("{a}"), "search.popsize=abc"),
+        "search.popsize='abc': expected an integer"),
+    Row("pipeline stage setting that is not a number", (*tiny_pool("{a}"), "search=ps_dfs", "search.ps.sigma0=x"),
+        "search.ps.sigma0='x': expected a number"),
     Row("missing model path", tiny_pool("{a}", base="{tmp}/nowhere"),
         "pool.base '{tmp}/nowhere' is not a model directory"),
     Row("missing model path (eval)", ("eval", "model={tmp}/nowhere", "task=toy_ja_qa", OUT),

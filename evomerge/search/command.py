@@ -26,6 +26,23 @@ from evomerge.search.run import Budget, SearchError, SearchResult, load_checkpoi
 
 BUDGET_KEYS = ("generations", "max_seconds", "max_evaluations")  # may change on resume: a search can be extended
 KINDS = ("ps", "dfs", "ps_dfs")
+# Numeric search settings by type: a wrong one (search.popsize=abc) is named here, not deep inside cma or pymoo.
+INTEGER_KEYS = ("seed", "popsize", "generations", "layer_groups", "repeats", "embed_from", "max_evaluations",
+                "max_path_length")
+NUMBER_KEYS = ("sigma0", "max_seconds", "include_probability")
+
+
+def check_numbers(search: dict[str, Any], where: str = "search") -> None:
+    """Raise SearchError naming the first integer or number setting that holds something else (None is unset)."""
+    for key, value in search.items():
+        if isinstance(value, dict):  # a pipeline's stages
+            check_numbers(value, f"{where}.{key}")
+            continue
+        if value is None or key not in INTEGER_KEYS + NUMBER_KEYS:
+            continue
+        integer = key in INTEGER_KEYS
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise SearchError(f"{where}.{key}={value!r}: expected {'an integer' if integer else 'a number'}")
 
 
 def _has_checkpoint(path: Path) -> bool:
@@ -126,6 +143,7 @@ def ps_dfs_pipeline(cfg: DictConfig, pool: Pool, run_dir: Path) -> dict[str, Any
 def search_command(cfg: DictConfig) -> dict:
     if cfg.search.kind not in KINDS:
         raise SearchError(f"search.kind={cfg.search.kind!r} is not supported; use one of {', '.join(KINDS)}")
+    check_numbers(OmegaConf.to_container(cfg.search, resolve=True))
     run_dir = run_directory(cfg)
     pool = resolve_pool(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
