@@ -141,7 +141,7 @@ def _mix31(values: Tensor) -> Tensor:
 def _hash_draws(numel: int, key: Tensor) -> Tensor:
     """Uniform draws in [0, 1) on a 2^-24 grid, a pure function of (entry index, key): counter-based, so they
     fuse into the merge kernel instead of being generated and stored."""
-    index = torch.arange(numel, dtype=torch.int64)
+    index = torch.arange(numel, dtype=torch.int64, device=key.device)
     mixed = _mix31(_mix31((index + key[0]) & _LOW31) ^ key[1])
     return (mixed >> 7).float() * (2.0**-24)
 
@@ -260,14 +260,14 @@ def keep_count(numel: int, density: float) -> int:
     return max(1, int(density * numel))
 
 
-_scratch_buffers: dict[str, Tensor] = {}
+_scratch_buffers: dict[torch.device, Tensor] = {}
 
 
-def _scratch(numel: int) -> Tensor:
-    """A reused float32 buffer: a fresh multi-MB allocation per tensor and model costs page faults each time."""
-    buffer = _scratch_buffers.get("magnitudes")
+def _scratch(numel: int, device: torch.device) -> Tensor:
+    """A reused float32 buffer per device: a fresh multi-MB allocation per tensor and model costs page faults."""
+    buffer = _scratch_buffers.get(device)
     if buffer is None or buffer.numel() < numel:
-        buffer = _scratch_buffers["magnitudes"] = torch.empty(numel, dtype=torch.float32)
+        buffer = _scratch_buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buffer[:numel]
 
 
@@ -282,7 +282,8 @@ def trim_threshold(base: Tensor, tensor: Tensor, density: float) -> float:
     numel = base.numel()
     if numel == 0:
         return 0.0
-    magnitudes = _run_kernel(_abs_delta_kernel, numel, _scratch(numel), _flat(base), _flat(tensor)).numpy()
+    magnitudes = _run_kernel(_abs_delta_kernel, numel, _scratch(numel, base.device), _flat(base), _flat(tensor))
+    magnitudes = magnitudes.cpu().numpy()  # the selection runs in numpy (on the CPU this is the buffer itself)
     rank = numel - keep_count(numel, density)  # 0-based position in ascending order
     sample_size = 1 << 16
     if numel > 4 * sample_size:
@@ -307,7 +308,7 @@ def all_finite(tensor: Tensor) -> bool:
 
 def sorted_magnitudes(delta: Tensor) -> Tensor:
     """|delta| sorted ascending, prepared once so `threshold_from_sorted` trims at any density for free."""
-    return torch.from_numpy(_flat(delta).float().abs().numpy().copy()).sort().values
+    return torch.from_numpy(_flat(delta).float().abs().cpu().numpy().copy()).sort().values  # kept on the CPU
 
 
 def threshold_from_sorted(sorted_values: Tensor, density: float) -> float:
@@ -392,7 +393,7 @@ def _dare(
     out: Tensor | None,
 ) -> Tensor:
     out = _output(out, base)
-    key_table = torch.tensor(list(keys), dtype=torch.int64)
+    key_table = torch.tensor(list(keys), dtype=torch.int64, device=base.device)
     _run_kernel(
         _dare_kernel,
         out.numel(),
