@@ -93,7 +93,7 @@ def _hub_problem(path: str, what: str, error: BaseException, offline: bool) -> s
     if offline:
         return (f"{what} {path!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1) with no cached "
                 "copy of it: give a local path, or download it where the hub is reachable")
-    return f"{what} {path!r} is not a local directory and could not be fetched from the hub: {_first_line(error)}"
+    return f"{what} {path!r} is not a local directory and could not be fetched from the hub: {error_line(error)}"
 
 
 def _pickle_only(path: Path) -> list[Path]:
@@ -124,7 +124,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
             weights_only=True, trust_remote_code=POLICY.trust_remote_code,
         )
     except OSError as error:  # no weights, no config: transformers' message is a paragraph
-        raise ModelLoadError(f"model {path} could not be loaded: {_first_line(error)}") from None
+        raise ModelLoadError(f"model {path} could not be loaded: {error_line(error)}") from None
     except ValueError as error:
         raise ModelLoadError(_value_problem(path, "model", error)) from None
     from evomerge.pathmodel import is_path_model_dir, load_path_model  # here: pathmodel imports the merge engine
@@ -139,7 +139,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=POLICY.trust_remote_code)
     except OSError as error:
-        raise ModelLoadError(f"tokenizer of {path} could not be loaded: {_first_line(error)}") from None
+        raise ModelLoadError(f"tokenizer of {path} could not be loaded: {error_line(error)}") from None
     except ValueError as error:
         raise ModelLoadError(_value_problem(path, "tokenizer of", error)) from None
     tokenizer.padding_side = "left"
@@ -152,10 +152,11 @@ def _value_problem(path: str | Path, what: str, error: ValueError) -> str:
     if "trust_remote_code" in str(error):
         return (f"{what} {path} needs its own Python code to load (trust_remote_code), which evomerge does not run "
                 "by default; set trust_remote_code=true only if you trust that code")
-    return f"{what} {path} could not be loaded: {_first_line(error)}"
+    return f"{what} {path} could not be loaded: {error_line(error)}"
 
 
-def _first_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): what a one-line error quotes."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -250,7 +251,7 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ModelLoadError(f"{file}: not a weights-only pickle state dict ({type(error).__name__}: "
-                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+                             f"{error_line(error)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -21,11 +21,12 @@ from transformers import PreTrainedModel
 from evomerge.eval.evaluator import Evaluator, pool_evaluator
 from evomerge.eval.task import check_objectives, load_task
 from evomerge.modelio import load_model
-from evomerge.pathmodel import path_length, recipe_path_model, unique_parameters
+from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
 from evomerge.recipe import DFSRecipe
 from evomerge.search.genome import DFSGenomeSpace
 from evomerge.search.optimizer import NSGA2
+from evomerge.search.ps import report_row
 from evomerge.search.run import SearchError
 
 
@@ -134,15 +135,7 @@ def held_out_rows(cfg: DictConfig, pool: Pool, problem: DFSProblem, chosen: DFSR
     """The pool's models and the chosen path on the test split, each with parameters and path length."""
     evaluator = pool_evaluator(load_task(cfg.task.name, pool.variables), cfg.task, pool.tokenizer_source, "test")
     objective = cfg.search.objectives[0]
-    rows = []
-    models = [(label, "source", source, f"source:{path}", None)
-              for label, path, source in zip(pool.names, pool.models, problem.sources)]
-    models.append((name, kind, problem.model(chosen), chosen.hash, chosen))
-    for label, row_kind, model, key, recipe in models:
-        metrics = evaluator.evaluate(model, model_key=key).metrics
-        row = {"name": label, "kind": row_kind, "params": unique_parameters(model), "path_length": path_length(model),
-               "metrics": {"fitness": metrics[objective], **metrics}}
-        if recipe is not None:
-            row["recipe_hash"] = recipe.hash
-        rows.append(row)
+    rows = [report_row(evaluator, objective, label, "source", source, f"source:{path}")
+            for label, path, source in zip(pool.names, pool.models, problem.sources)]
+    rows.append(report_row(evaluator, objective, name, kind, problem.model(chosen), chosen.hash, chosen))
     return rows

@@ -11,6 +11,8 @@ dropped.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import re
 import time
@@ -20,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge.modelio import POLICY, LoadPolicy, error_line, set_load_policy
 from evomerge.search.run import (
     Executor,
     Outcome,
@@ -34,9 +37,11 @@ ProblemFactory = Callable[[], Any]  # returns a Problem, or a (problem, make_opt
 
 
 class _Worker:
-    """One Ray actor: the problem built once, then one recipe at a time."""
+    """One Ray actor: the problem built once (under the driver's model-loading policy: an actor is a fresh
+    process), then one recipe at a time."""
 
-    def __init__(self, problem_factory: ProblemFactory):
+    def __init__(self, problem_factory: ProblemFactory, load_policy: LoadPolicy):
+        set_load_policy(**dataclasses.asdict(load_policy))
         built = problem_factory()
         self.problem = built[0] if isinstance(built, tuple) else built
 
@@ -85,7 +90,7 @@ class RayExecutor:
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, ValueError) as error:
-                raise SearchError(f"executor.address={address}: cannot start or join Ray: {_first_line(error)}") from None
+                raise SearchError(f"executor.address={address}: cannot start or join Ray: {error_line(error)}") from None
             self._started_ray = True
         self._actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(_Worker)
         self.actors = [self._new_actor() for _ in range(self.workers)]
@@ -103,7 +108,7 @@ class RayExecutor:
             raise SearchError(f"a Ray worker could not build the search problem: {_last_line(error)}") from None
 
     def _new_actor(self):
-        return self._actor_class.remote(self.problem_factory)
+        return self._actor_class.remote(self.problem_factory, copy.copy(POLICY))
 
     def _replace(self, slot: int) -> None:
         self._ray.kill(self.actors[slot], no_restart=True)
@@ -142,7 +147,7 @@ class RayExecutor:
                     else:
                         done[index] = Outcome({}, {}, (
                             f"WorkerDied: the Ray worker evaluating this candidate died {attempts[index]} times "
-                            f"({type(error).__name__}: {_first_line(error)})"))
+                            f"({type(error).__name__}: {error_line(error)})"))
                 idle.append(slot)
 
     def close(self) -> None:
@@ -155,11 +160,6 @@ class RayExecutor:
         if self._started_ray and self._ray.is_initialized():
             self._ray.shutdown()
             self._started_ray = False
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _last_line(error: BaseException) -> str:

@@ -19,7 +19,7 @@ from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model
 from evomerge.pathmodel import path_length, unique_parameters
 from evomerge.pool import Pool
-from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, PSRecipe
+from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, DFSRecipe, PSRecipe
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
 from evomerge.search.run import SearchError
@@ -104,26 +104,29 @@ def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
     return recipes
 
 
+def report_row(evaluator: Evaluator, objective: str, name: str, kind: str, model, key: str,
+               recipe: PSRecipe | DFSRecipe | None = None) -> dict[str, Any]:
+    """One model of a held-out report: its metrics (`fitness` = the objective), parameters and path length."""
+    metrics = evaluator.evaluate(model, model_key=key).metrics
+    row = {"name": name, "kind": kind, "params": unique_parameters(model), "path_length": path_length(model),
+           "metrics": {"fitness": metrics[objective], **metrics}}
+    if recipe is not None:
+        row["recipe_hash"] = recipe.hash
+    return row
+
+
 def held_out_report(cfg: DictConfig, pool: Pool, merger: InMemoryMerger, best: PSRecipe) -> dict[str, Any]:
     """Sources, uniform baselines and the best recipe on the held-out test split; `fitness` = the objective."""
     task = load_task(cfg.task.name, pool.variables)
     evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "test")
     objective = cfg.search.objectives[0]
-    rows = []
-
-    def add(name: str, kind: str, model, key: str, recipe: PSRecipe | None = None) -> None:
-        metrics = evaluator.evaluate(model, model_key=key).metrics
-        row = {"name": name, "kind": kind, "params": unique_parameters(model), "path_length": path_length(model),
-               "metrics": {"fitness": metrics[objective], **metrics}}
-        if recipe is not None:
-            row["recipe_hash"] = recipe.hash
-        rows.append(row)
-
-    for name, path in [("base", pool.base), *zip(pool.names, pool.models)]:
-        add(name, "source", load_model(path, device=cfg.device), f"source:{path}")
+    rows = [report_row(evaluator, objective, name, "source", load_model(path, dtype=cfg.dtype, device=cfg.device),
+                       f"source:{path}")
+            for name, path in [("base", pool.base), *zip(pool.names, pool.models)]]
     for name, recipe in baseline_recipes(pool).items():
-        add(f"{name} (uniform)", "baseline", merger.merge(recipe), recipe.hash, recipe)
-    add("best (search)", "best", merger.merge(best), best.hash, best)
+        rows.append(report_row(evaluator, objective, f"{name} (uniform)", "baseline", merger.merge(recipe), recipe.hash,
+                               recipe))
+    rows.append(report_row(evaluator, objective, "best (search)", "best", merger.merge(best), best.hash, best))
     return {"split": "test", "objective": objective, "task": task.name, "rows": rows}
 
 

@@ -329,17 +329,17 @@ def _generation(problem: Problem, executor: Executor, genomes: Sequence[np.ndarr
     first_seen: dict[str, dict[str, Any]] = {}
     for offset, genome in enumerate(genomes):
         recipe = problem.decode(genome)
+        key = recipe.hash  # a DFS recipe's hash serializes its whole path: read it once
         index = state["evaluations"] + offset
         pending = log.pending.get(index)
-        if pending is not None and pending["recipe_hash"] == recipe.hash:
+        if pending is not None and pending["recipe_hash"] == key:
             entries.append(("pending", pending))
             continue
-        entry = {"index": index, "generation": state["generation"], "genome": genome.tolist(),
-                 "recipe_hash": recipe.hash}
-        if recipe.hash in cache or recipe.hash in first_seen:
+        entry = {"index": index, "generation": state["generation"], "genome": genome.tolist(), "recipe_hash": key}
+        if key in cache or key in first_seen:
             entries.append(("repeat", entry))
         else:
-            first_seen[recipe.hash] = entry
+            first_seen[key] = entry
             entries.append(("new", entry))
             jobs.append(recipe)
     outcomes = executor.map(jobs)
