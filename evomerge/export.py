@@ -30,8 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.merge import MergeError
 from evomerge.merge.groups import assign_groups, tensor_place
 from evomerge.merge.stream import merge_to_disk, model_card, move_into_place
-from evomerge.modelio import CheckpointReader
-from evomerge.modelio import load_model, load_tokenizer
+from evomerge.modelio import DTYPES, CheckpointReader, load_model, load_tokenizer
 from evomerge.pathmodel import recipe_path_model, save_path_model
 from evomerge.recipe import DFSRecipe, PSRecipe, load_recipe
 
@@ -294,8 +293,11 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
 
 
 def export_path_model(recipe: DFSRecipe, out: Path) -> Path:
-    """The recipe's path model over its sources, saved with each used block once, plus its tokenizer."""
-    sources = [load_model(path) for path in recipe.models]
+    """The recipe's path model over its sources, saved with each used block once, plus its tokenizer; in the
+    owner checkpoint's dtype (as a merged model keeps its reference's), else float32."""
+    stored = CheckpointLayout.read(recipe.models[recipe.embed_from]).float_dtypes
+    dtype = stored[0] if len(stored) == 1 and stored[0] in DTYPES else "float32"
+    sources = [load_model(path, dtype=dtype) for path in recipe.models]
     save_path_model(recipe_path_model(recipe, sources), out, {"recipe": recipe.to_dict()})
     load_tokenizer(recipe.models[recipe.embed_from]).save_pretrained(out)
     return out

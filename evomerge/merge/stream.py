@@ -84,6 +84,7 @@ def open_inputs(base: str | None, models: Sequence[str]) -> MergeInputs:
 
 def _check_configs(paths: Sequence[str]) -> None:
     reference_path, reference = paths[0], read_config(paths[0])
+    reference_vocabulary = _tokenizer_vocabulary(reference_path)
     for path in paths[1:]:
         config = read_config(path)
         for key, what in (("model_type", "architecture"), ("architectures", "architecture"), ("vocab_size", "vocab size")):
@@ -92,7 +93,7 @@ def _check_configs(paths: Sequence[str]) -> None:
                     f"model {path} has {what} {config[key]!r} but {reference_path} has {reference[key]!r}; "
                     "only models of one architecture and vocabulary can be merged"
                 )
-        vocabulary, reference_vocabulary = _tokenizer_vocabulary(path), _tokenizer_vocabulary(reference_path)
+        vocabulary = _tokenizer_vocabulary(path)
         if vocabulary is not None and reference_vocabulary is not None and vocabulary != reference_vocabulary:
             raise MergeError(
                 f"model {path} has a different tokenizer from {reference_path} (tokenizer.json vocabularies "
