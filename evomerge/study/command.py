@@ -18,19 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from evomerge.study.run import CONF, load_pool, run_study
 from evomerge.study.summary import plot, pool_info, report_markdown, summarize
+from evomerge.zoo.report import format_report
 from evomerge.zoo.study_zoo import format_study_report
 
 
 def study_settings(cfg: DictConfig) -> dict[str, Any]:
     settings = yaml.safe_load((CONF / "study" / "default.yaml").read_text())
+    known = set(settings)  # every setting has a default there
     given = OmegaConf.select(cfg, "study")
-    if given is not None:
-        given = OmegaConf.to_container(given, resolve=True)
-        if "methods" in given:  # a methods mapping replaces the default one (to run fewer methods)
-            settings["methods"] = {}
-        for key, value in given.items():
-            settings[key] = value
-    known = {"zoo", "sizes", "subsets", "seed", "kinds", "methods", "select_split", "split", "zoo_only", "summarize_only"}
+    if given is not None:  # a given mapping (methods) replaces the default one: to run fewer methods
+        settings.update(OmegaConf.to_container(given, resolve=True))
     unknown = set(settings) - known
     if unknown:
         raise ValueError(f"study: unknown setting(s) {sorted(unknown)}")
@@ -43,7 +40,7 @@ def study(settings: dict[str, Any], home: str | Path, out: Path, log=print) -> d
     log(f"study zoo: {pool.zoo}")
     if settings.get("zoo_only"):
         report = json.loads((pool.zoo / "zoo_report.json").read_text())
-        log(format_study_report(report) if "kinds" in report else json.dumps(report["models"], indent=1))
+        log(format_study_report(report) if "kinds" in report else format_report(report))
         return {}
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))

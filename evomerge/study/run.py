@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from evomerge.merge.command import recipe_from_merge_config
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.recipe import METHODS, PSRecipe
 from evomerge.zoo import build
@@ -115,15 +116,11 @@ def method_grid(method: str, settings: Mapping[str, Any]) -> list[dict[str, Any]
         raise ValueError(f"study: unknown merge method {method!r}; known: {sorted(METHODS)}")
     keys = sorted(settings)
     values = [v if isinstance(v, list) else [v] for v in (settings[k] for k in keys)]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)] or [{}]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
 def make_recipe(method: str, kind: BaseKind, subset: Sequence[str], point: Mapping[str, Any]) -> PSRecipe:
-    spec = METHODS[method]
-    values = {k: v for k, v in point.items() if k in spec.per_model or k in spec.per_group}
-    parameters = {k: v for k, v in point.items() if k not in values}
-    return PSRecipe.uniform(method, kind.base if spec.needs_base else None, [kind.experts[t] for t in subset],
-                            parameters=parameters, **values)
+    return recipe_from_merge_config({"method": method, **point}, kind.base, [kind.experts[t] for t in subset])
 
 
 def normalized(scores: Mapping[str, float], references: Mapping[str, float]) -> tuple[float | None, list[str]]:

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from evomerge.study.run import normalized
+
 KIND_LABELS = {"plain": "plain pretrained base", "it": "instruction-tuned base"}
 METRICS = ("held_in_norm", "held_out_norm")
 
@@ -48,18 +50,15 @@ def pool_info(pool) -> dict[str, Any]:
     """Reference scores: experts and bases on every task, and their normalized held-in / held-out means."""
     info: dict[str, Any] = {"held_in": list(pool.held_in), "held_out": list(pool.held_out), "references": {}}
     for kind in pool.kinds:
-        experts_out = []
-        for scores in kind.expert_scores.values():
-            usable = [t for t in pool.held_out if kind.base_scores[t] > 0]
-            if usable:
-                experts_out.append(sum(scores[t] / kind.base_scores[t] for t in usable) / len(usable))
-        usable_in = [t for t in pool.held_in if kind.expert_scores[t][t] > 0]
+        own = {t: kind.expert_scores[t][t] for t in pool.held_in}
+        experts_out = [normalized({t: scores[t] for t in pool.held_out}, kind.base_scores)[0]
+                       for scores in kind.expert_scores.values()]
         info["references"][kind.name] = {
             "base_scores": dict(kind.base_scores),
-            "expert_own_scores": {t: kind.expert_scores[t][t] for t in pool.held_in},
+            "expert_own_scores": own,
             "expert_scores": {t: dict(s) for t, s in kind.expert_scores.items()},
             # the base on held-in tasks, normalized by the experts: what merging must beat to keep any skill
-            "base_held_in_norm": _mean([kind.base_scores[t] / kind.expert_scores[t][t] for t in usable_in]),
+            "base_held_in_norm": normalized({t: kind.base_scores[t] for t in pool.held_in}, own)[0],
             # a single expert on held-out tasks, normalized by the base: mean over experts
             "expert_held_out_norm": _mean(experts_out),
         }

@@ -8,11 +8,13 @@ an interrupted build resumes; the directory is renamed into place only when the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,20 +100,34 @@ def build_zoo(spec: ZooSpec, home: str | Path) -> Path:
     final = zoo_dir(spec, home)
     if (final / "zoo_report.json").is_file():
         return final
+    stages = {"write_data": _write_data, "train_base": _train_base, "train_experts": _train_experts}
+    return build_in_stages(
+        final,
+        {name: functools.partial(stage, spec) for name, stage in stages.items()},
+        lambda work: zoo_report(work, spec.experts, REPORT_TASKS, spec.probe_weights, OBJECTIVE),
+        spec.to_dict(),
+    )
+
+
+def build_in_stages(
+    final: Path, stages: Mapping[str, Callable[[Path], None]], report: Callable[[Path], dict], spec: dict
+) -> Path:
+    """Build a zoo in `<final>.partial`, stage by stage (a killed build resumes there: each stage skips what
+    it finished), then write `spec.json` and `zoo_report.json` (with each stage's seconds) and rename it."""
     work = final.with_name(final.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)  # training is the heavy job: use every core
     timings = {}
-    for stage in (_write_data, _train_base, _train_experts):
+    for name, stage in stages.items():
         started = time.perf_counter()
-        stage(spec, work)
-        timings[stage.__name__.strip("_")] = round(time.perf_counter() - started, 1)
+        stage(work)
+        timings[name] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
-    report = zoo_report(work, spec.experts, REPORT_TASKS, spec.probe_weights, OBJECTIVE)
+    result = report(work)
     timings["report"] = round(time.perf_counter() - started, 1)
-    report["build_seconds"] = timings
-    (work / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    _write_json(work / "zoo_report.json", report)
+    result["build_seconds"] = timings
+    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+    _write_json(work / "zoo_report.json", result)
     if final.exists():  # a stale, incomplete directory from an older layout
         shutil.rmtree(final)
     work.rename(final)

@@ -17,15 +17,12 @@ written. The hash covers the study spec and the foundation spec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
-import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from evomerge.eval.task import load_task
 from evomerge.modelio import load_model, load_tokenizer
@@ -35,8 +32,9 @@ from evomerge.zoo.build import (
     _eval_splits,
     _save,
     _stage_done,
-    _write_json,
+    build_in_stages,
     build_zoo,
+    zoo_dir,
 )
 from evomerge.zoo.report import TaskSuite
 from evomerge.zoo.study_tasks import (
@@ -102,34 +100,20 @@ class StudyZooSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def study_zoo_dir(spec: StudyZooSpec, home: str | Path) -> Path:
-    return Path(home).expanduser() / f"zoo-{spec.variant}-{spec.hash}"
-
-
 def build_study_zoo(spec: StudyZooSpec, home: str | Path) -> Path:
     """Return the study zoo directory for `spec`, building (and first the foundation zoo) whatever is missing."""
-    final = study_zoo_dir(spec, home)
+    final = zoo_dir(spec, home)
     if (final / "zoo_report.json").is_file():
         return final
     foundation = build_zoo(spec.foundation_spec, home)
-    work = final.with_name(final.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
-    timings = {}
-    for stage in (_write_data, _copy_base, _instruct_base, _train_experts):
-        started = time.perf_counter()
-        stage(spec, foundation, work)
-        timings[stage.__name__.strip("_")] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    report = study_report(work, spec)
-    timings["report"] = round(time.perf_counter() - started, 1)
-    report["build_seconds"] = timings
-    (work / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    _write_json(work / "zoo_report.json", report)
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
-    return final
+    stages = {"write_data": _write_data, "copy_base": _copy_base, "instruct_base": _instruct_base,
+              "train_experts": _train_experts}
+    return build_in_stages(
+        final,
+        {name: functools.partial(stage, spec, foundation) for name, stage in stages.items()},
+        lambda work: study_report(work, spec),
+        spec.to_dict(),
+    )
 
 
 def expert_dir(zoo: Path, kind: str, task: str) -> Path:
