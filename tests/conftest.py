@@ -59,6 +59,22 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoints):
+    """The tiny checkpoints' tokenizer, loaded as generation needs it (left padding)."""
+    from evomerge.modelio import load_tokenizer
+
+    return load_tokenizer(tiny_checkpoints["base"])
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    """expert_a, loaded per module (a module may change it, e.g. its generation config)."""
+    from evomerge.modelio import load_model
+
+    return load_model(tiny_checkpoints["expert_a"])
+
+
 @pytest.fixture(scope="session")
 def micro_zoo_home(tmp_path_factory) -> Path:
     """A home directory holding the micro toy zoo (conf/zoo/micro.yaml), built once per test session."""

@@ -10,8 +10,8 @@ import torch
 
 from evomerge.eval import Evaluator, GenerationSettings, ResultCache, encode_prompts, generate_greedy, load_task
 from evomerge.eval.evaluator import generation_options, pool_evaluator
-from evomerge.eval.generate import DEFAULT_MAX_DECODE_PADDING, StopOnStrings, cut_at_stop
-from evomerge.modelio import load_model, load_tokenizer
+from evomerge.eval.generate import StopOnStrings, cut_at_stop
+from evomerge.modelio import load_model
 
 PROMPTS = [
     "問題：太郎はりんごを3個持っています。5個もらいました。全部で何個ですか？\n答え：",
@@ -22,16 +22,6 @@ PROMPTS = [
     "答えは8個です。",
     "質問：太郎\n答え：",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoints):
-    return load_tokenizer(tiny_checkpoints["base"])
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoints):
-    return load_model(tiny_checkpoints["expert_a"])
 
 
 class RecordingModel:
@@ -176,10 +166,10 @@ def test_evaluator_metrics_samples_and_split(model, tokenizer, tmp_path):
 
 
 def test_a_search_evaluator_takes_every_generation_option_of_its_task_entry(tiny_checkpoints, tmp_path):
+    # The first source that sets an option wins, 0 is a value, and unset options are left to the Evaluator.
     assert generation_options({"max_padding": 0.0}, {"max_padding": 0.3, "batch_size": 8, "max_new_tokens": None}) == {
-        "batch_size": 8, "max_padding": 0.0, "max_decode_padding": DEFAULT_MAX_DECODE_PADDING,
-        "max_batch_tokens": None, "max_new_tokens": None,
-    }  # the first source that sets an option wins, and 0 is a value
+        "batch_size": 8, "max_padding": 0.0,
+    }
     task = load_task("toy_en_math", {"zoo_dir": str(write_toy_zoo(tmp_path))})
     entry = {"name": "toy_en_math", "batch_size": 2, "max_padding": 0.0, "max_decode_padding": 0.05,
              "max_batch_tokens": 64, "max_new_tokens": 7}

@@ -16,7 +16,7 @@ from evomerge.eval.generate import (
     prefix_cache,
     static_cache,
 )
-from evomerge.modelio import load_model, load_tokenizer
+from evomerge.modelio import load_model
 
 from conftest import SHARED_DATA, tiny_config
 
@@ -32,16 +32,6 @@ QUESTIONS = [
 ]
 # Uneven suffixes, one prompt that is exactly the header (so the shared prefix must stop one token short).
 PROMPTS = [HEADER + question + "\n\n### 応答:\n" for question in QUESTIONS] + [HEADER]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoints):
-    return load_tokenizer(tiny_checkpoints["base"])
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoints):
-    return load_model(tiny_checkpoints["expert_a"])
 
 
 class TokenCounter:
@@ -112,11 +102,18 @@ def test_short_or_absent_prefixes_use_plain_left_padding(tokenizer):
     assert encode_prompts(tokenizer, PROMPTS, min_shared_prefix=shared).prefix_ids.shape == (1, shared)
 
 
-@pytest.mark.parametrize(("batch_size", "max_padding"), [(1, 0.99), (3, 0.99), (8, 0.99), (8, 0.0)])
-def test_shared_prefix_generations_equal_one_at_a_time(model, tokenizer, batch_size, max_padding):
-    settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size, max_padding=max_padding)
-    expected = one_at_a_time(model, tokenizer, PROMPTS, settings)
+@pytest.fixture(scope="module")
+def expected_12(model, tokenizer):
+    """The reference for 12 new tokens (batching settings do not change it)."""
+    expected = one_at_a_time(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=12))
     assert len(set(expected)) > 1 and all(expected)  # real, differing generations
+    return expected
+
+
+@pytest.mark.parametrize(("batch_size", "max_padding"), [(1, 0.99), (3, 0.99), (8, 0.99), (8, 0.0)])
+def test_shared_prefix_generations_equal_one_at_a_time(model, tokenizer, expected_12, batch_size, max_padding):
+    settings = GenerationSettings(max_new_tokens=12, batch_size=batch_size, max_padding=max_padding)
+    expected = expected_12
     encoded = encode_prompts(tokenizer, PROMPTS, batch_size, max_padding, max_decode_padding=0.99)
     assert encoded.prefix_ids is not None and len(encoded.groups) == -(-len(PROMPTS) // batch_size)
     counter = TokenCounter(model)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evomerge.merge import InMemoryMerger
+from evomerge.recipe import METHODS as METHOD_SPECS
 from evomerge.recipe import PSRecipe, RecipeError
 from evomerge.search.genome import PSGenomeSpace
 
@@ -29,8 +30,7 @@ def pool(tiny_checkpoints):
 
 def space(pool, method: str, shared: bool) -> PSGenomeSpace:
     base, models, _ = pool
-    needs_base = method not in ("linear", "slerp")
-    return PSGenomeSpace(method=method, base=base if needs_base else None, models=models, groups=GROUPS,
+    return PSGenomeSpace(method=method, base=base if METHOD_SPECS[method].needs_base else None, models=models, groups=GROUPS,
                          shared=shared, ranges=RANGES)
 
 

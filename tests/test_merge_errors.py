@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralForCausalLM
 
 from evomerge.merge import MergeError, merge_to_disk
 from evomerge.recipe import PSRecipe, RecipeError
-
-UP_PROJ = "model.layers.1.mlp.up_proj.weight"
-
-
-def derived_checkpoint(source: Path, destination: Path, edit: Callable[[dict], None] | None = None,
-                       edit_config: Callable[[dict], None] | None = None) -> Path:
-    """A copy of ``source`` with its tensors and/or config edited in place by the callbacks."""
-    shutil.copytree(source, destination)
-    if edit is not None:
-        tensors = load_file(destination / "model.safetensors")
-        edit(tensors)
-        save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
-    if edit_config is not None:
-        config = json.loads((destination / "config.json").read_text())
-        edit_config(config)
-        (destination / "config.json").write_text(json.dumps(config))
-    return destination
-
+from tests.helpers.checkpoints import UP_PROJ, bigger_vocab, bigger_vocab_config, derived_checkpoint, llama_twin, narrower
 
 def assert_fails_cleanly(recipe: PSRecipe, out: Path, *fragments: str) -> None:
     with pytest.raises(MergeError) as caught:
@@ -68,33 +46,20 @@ def test_extra_tensor(tiny_checkpoints, tmp_path):
 
 
 def test_shape_mismatch(tiny_checkpoints, tmp_path):
-    def shrink(tensors):
-        tensors[UP_PROJ] = tensors[UP_PROJ][:48].clone()
-
-    broken = derived_checkpoint(tiny_checkpoints["expert_a"], tmp_path / "narrow", shrink)
+    broken = derived_checkpoint(tiny_checkpoints["expert_a"], tmp_path / "narrow", narrower)
     recipe = PSRecipe.uniform("ties", tiny_checkpoints["base"], [broken], density=0.5)
     assert_fails_cleanly(recipe, tmp_path / "merged", str(broken), UP_PROJ, "shape [48, 32]", "[64, 32]")
 
 
 def test_vocab_size_mismatch(tiny_checkpoints, tmp_path):
-    def grow_vocab(tensors):
-        for name in ("model.embed_tokens.weight", "lm_head.weight"):
-            tensors[name] = torch.cat([tensors[name], tensors[name][:3]])
-
-    def grow_config(config):
-        config["vocab_size"] += 3
-
-    broken = derived_checkpoint(tiny_checkpoints["expert_a"], tmp_path / "bigger_vocab", grow_vocab, grow_config)
+    broken = derived_checkpoint(tiny_checkpoints["expert_a"], tmp_path / "bigger_vocab", bigger_vocab,
+                                bigger_vocab_config)
     recipe = PSRecipe.uniform("task_arithmetic", tiny_checkpoints["base"], [broken])
     assert_fails_cleanly(recipe, tmp_path / "merged", str(broken), "vocab size")
 
 
 def test_different_architectures(tiny_checkpoints, tmp_path):
-    mistral = MistralForCausalLM.from_pretrained(tiny_checkpoints["base"])
-    llama = LlamaForCausalLM(LlamaConfig(**{key: getattr(mistral.config, key) for key in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads")}))
-    llama.save_pretrained(tmp_path / "llama")  # same tensor names and shapes, different architecture
+    llama_twin(tiny_checkpoints["base"], tmp_path / "llama")  # same tensor names and shapes, different architecture
     recipe = PSRecipe.uniform("linear", None, [tiny_checkpoints["base"], tmp_path / "llama"])
     assert_fails_cleanly(recipe, tmp_path / "merged", str(tmp_path / "llama"), "architecture", "llama")
 
