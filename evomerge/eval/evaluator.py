@@ -1,9 +1,10 @@
 """Evaluator: (task, split, generation settings) -> metrics and per-sample records for any model.
 
-Built once per search: the split is read and its prompts tokenized and batched once, then every
-candidate model reuses them (a prefix all prompts share, such as MGSM-JA's instruction header, is split
-off then too; each candidate reads it once, see `generate.py`). Results are cached under (model key, task, split, settings), where the
-model key is whatever identifies the weights: a recipe hash during search, a directory for `evomerge eval`.
+Built once per search: the split is read and its prompts tokenized and grouped once, then every candidate
+model reuses them (a prefix all prompts share, such as MGSM-JA's instruction header, is split off then too;
+each candidate reads it once, see `generate.py`). Results are cached under (model key, task, split,
+settings), where the model key is whatever identifies the weights: a recipe hash during search, a directory
+for `evomerge eval`.
 """
 
 from __future__ import annotations
@@ -210,23 +211,17 @@ class Evaluator:
         return task.metrics(scores, self.split), samples
 
 
-
-GENERATION_OPTIONS = {
-    "batch_size": DEFAULT_BATCH_SIZE,
-    "max_padding": DEFAULT_MAX_PADDING,
-    "max_decode_padding": DEFAULT_MAX_DECODE_PADDING,
-    "max_batch_tokens": None,
-    "max_new_tokens": None,  # None: each task's own
-}
+GENERATION_OPTIONS = ("batch_size", "max_padding", "max_decode_padding", "max_batch_tokens", "max_new_tokens")
 
 
 def generation_options(*sources: Mapping[str, Any]) -> dict[str, Any]:
-    """The Evaluator's generation options from config mappings (a `task` group entry, overrides): for each
-    option the first source that sets it (not None; 0 is a value) wins, else its default."""
+    """The Evaluator's generation options set in config mappings (a `task` group entry, overrides): for each
+    option the first source that sets it (not None; 0 is a value) wins; unset ones keep the Evaluator's default."""
     options = {}
-    for name, default in GENERATION_OPTIONS.items():
+    for name in GENERATION_OPTIONS:
         values = [source.get(name) for source in sources if source.get(name) is not None]
-        options[name] = values[0] if values else default
+        if values:
+            options[name] = values[0]
     return options
 
 
