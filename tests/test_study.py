@@ -130,3 +130,17 @@ def test_study_zoo_spec_hash_covers_the_foundation():
     assert spec.hash != other.hash
     with pytest.raises(ValueError, match="toy_nope"):
         StudyZooSpec.from_dict({"held_in": ["toy_nope"]})
+
+
+def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
+    pool = load_pool("study_micro", micro_zoo_home)  # built here, on the micro zoo the session already has
+    assert [kind.name for kind in pool.kinds] == ["plain", "it"]
+    assert pool.held_in == ("toy_ja_qa", "toy_en_math", "toy_sort", "toy_en_ja") and pool.held_out == ("toy_ja_math", "toy_max")
+    for kind in pool.kinds:
+        assert (kind.base / "model.safetensors").is_file()
+        assert sorted(kind.experts) == sorted(pool.held_in) and all(p.is_dir() for p in kind.experts.values())
+        assert set(kind.expert_scores) == set(pool.held_in)
+    report = json.loads((pool.zoo / "zoo_report.json").read_text())
+    assert set(report["build_seconds"]) == {"write_data", "copy_base", "instruct_base", "train_experts", "report"}
+    assert not pool.zoo.with_name(pool.zoo.name + ".partial").exists()
+    assert load_pool("study_micro", micro_zoo_home).zoo == pool.zoo  # found, not built again
