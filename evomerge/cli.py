@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
@@ -20,12 +20,12 @@ from evomerge.eval.task import TaskError
 from evomerge.merge import MergeError
 from evomerge.modelio import ModelLoadError, set_load_policy
 from evomerge.pool import PoolError
+from evomerge.resources import CONF_MODULE
 from evomerge.search.run import SearchError
 from evomerge.search.sweep import JobError
 
 USER_ERRORS = (MergeError, TaskError, SearchError, PoolError, LanguageModelMissingError, ModelLoadError)
 HYDRA_OWN = {".hydra", "cli.log"}  # what Hydra writes into a run's output directory before the command starts
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 COMMANDS = {
     "zoo": ("evomerge.zoo.command:zoo_command", "build (or find cached) the toy model zoo and print its report"),
     "eval": ("evomerge.eval.command:eval_command", "score a model directory or recipe on a task split"),
@@ -92,7 +92,7 @@ def _bad_override(command: str, overrides: list[str]) -> str | None:
     if any(override.startswith("-") for override in overrides):  # --multirun, --cfg, ...: Hydra's own flags
         return None
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
             compose("config", overrides=[f"command={command}", *overrides])
     except HydraException as error:
         lines = []
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
     kept = _resumed_files(command, overrides)
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra.main(config_path=f"pkg://{CONF_MODULE}", config_name="config", version_base="1.3")
     def run(cfg: DictConfig) -> None:
         output_dir = Path(HydraConfig.get().runtime.output_dir)
         fresh = {item.name for item in output_dir.iterdir()} <= HYDRA_OWN

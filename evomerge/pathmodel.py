@@ -1,11 +1,12 @@
 """Layer-path models: a DFS recipe run over the pool's resident decoder blocks, by reference.
 
-A path model is the embedding owner's own HF class (e.g. `MistralForCausalLM`) built on the meta device with
-one decoder layer per hop, whose layers are `HopLayer`s pointing at blocks of the resident source models and
-whose embeddings, final norm, rotary table and head are the owner's modules. No weight is copied, so a whole
-population of candidates costs no memory beyond the pool, and HF `generate` (hence the evaluator's batched
-generator) works on it unchanged. Each hop has its own slot in the KV cache -- a block that runs twice keeps
-two caches -- because `HopCache` renames the block's own layer index to the hop index.
+A path model is an ordinary model of the embedding owner's HF class (e.g. `MistralForCausalLM`) with one decoder
+layer per hop: layer k *is* hop k -- built by the class itself with `layer_idx = k` and the hop's layer type --
+but its parameters are the source block's own `Parameter` objects, attached by reference, and the hop's input
+scale is a forward pre-hook. No weight is copied, so a whole population of candidates costs no memory beyond the
+pool; and since nothing stands between transformers and its layers, its own KV cache, masks and layer indexing
+line up on every version (a block that runs twice is two layers, with two cache slots). HF `generate`, hence the
+evaluator's batched generator, runs on it unchanged.
 
 A path model is saved as an ordinary HF checkpoint holding each used block once (as layers 0..K-1 of the
 owner's architecture) plus `evomerge_path.json` with the hops; `load_path_model` rebuilds the path.
@@ -38,36 +39,27 @@ class PathModelError(MergeError):
     """A layer path cannot be built over these models."""
 
 
-class HopCache:
-    """The shared KV cache as one hop sees it: the block's `update(..., layer_idx)` lands in the hop's slot."""
-
-    def __init__(self, cache: Any, hop: int):
-        self._cache = cache
-        self._hop = hop
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self._cache.update(key_states, value_states, self._hop, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
+def _borrow(layer: nn.Module, block: nn.Module) -> None:
+    """Point every parameter and buffer of `layer` at `block`'s own tensors (same objects: no copy)."""
+    layer_modules = dict(layer.named_modules())
+    for name, module in block.named_modules():
+        target = layer_modules.get(name)
+        if type(target) is not type(module):
+            raise PathModelError(f"block module {name or '<root>'} ({type(module).__name__}) has no counterpart "
+                                 f"in the owner's layer ({type(target).__name__})")
+        target._parameters.update(module._parameters)
+        target._buffers.update(module._buffers)
 
 
-class HopLayer(nn.Module):
-    """One hop: scale the residual stream, then run a borrowed decoder block with the hop's cache slot."""
+def _scale_input(scale: float):
+    """A forward pre-hook multiplying a decoder layer's input stream by `scale` (positional or keyword)."""
 
-    def __init__(self, block: nn.Module, hop: int, scale: float):
-        super().__init__()
-        self.block = block
-        self.hop = hop
-        self.scale = float(scale)
-        if hasattr(block, "attention_type"):  # models with mixed attention pick the mask per layer
-            self.attention_type = block.attention_type
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            return (args[0] * scale, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Any = None, **kwargs):
-        if self.scale != 1.0:
-            hidden_states = hidden_states * self.scale
-        cache = HopCache(past_key_values, self.hop) if past_key_values is not None else None
-        return self.block(hidden_states, *args, past_key_values=cache, **kwargs)
+    return hook
 
 
 def _decoder(model: PreTrainedModel) -> nn.Module:
@@ -91,37 +83,52 @@ def check_compatible(models: Sequence[PreTrainedModel]) -> None:
                                      "cannot be chained in one path")
 
 
+def _shell(owner: PreTrainedModel, layer_types: Sequence[str] | None, layers: int) -> PreTrainedModel:
+    """The owner's class with `layers` decoder layers on the meta device, its embeddings, norm and head borrowed."""
+    config = copy.deepcopy(owner.config)
+    config.num_hidden_layers = layers
+    if layer_types is not None:
+        config.layer_types = list(layer_types)
+    with torch.device("meta"):
+        shell = type(owner)(config)
+    body, owner_body = shell.base_model, _decoder(owner)
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        if hasattr(owner_body, name):
+            setattr(body, name, getattr(owner_body, name))
+    shell.set_output_embeddings(owner.get_output_embeddings())
+    shell.generation_config = copy.deepcopy(owner.generation_config)
+    return shell
+
+
+def _check_nothing_left_on_meta(model: PreTrainedModel) -> None:
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise PathModelError(f"{type(model).__name__} has modules a layer path does not borrow: {left[:3]}")
+
+
 def build_path_model(hops: Sequence[Hop], sources: Sequence[PreTrainedModel], embed_from: int = 0) -> PreTrainedModel:
     """A model running `hops` over the blocks of `sources` (resident, shared), with `sources[embed_from]`'s
-    embeddings, final norm and head."""
+    embeddings, final norm and head. Layer k is hop k; `layer.path_hop` says which block and scale it runs."""
     if not hops:
         raise PathModelError("the layer path is empty: no slot is included")
     check_compatible(sources)
-    owner = sources[embed_from]
-    owner_body = _decoder(owner)
     blocks = []
     for index, hop in enumerate(hops):
         layers = _decoder(sources[hop.model]).layers
         if not 0 <= hop.layer < len(layers):
             raise PathModelError(f"hop {index} asks for block {hop.layer} of model {hop.model}, which has {len(layers)}")
         blocks.append(layers[hop.layer])
-    config = copy.deepcopy(owner.config)
-    config.num_hidden_layers = len(hops)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [sources[hop.model].config.layer_types[hop.layer] for hop in hops]
-    with torch.device("meta"):
-        shell = type(owner)(config)
-    body = shell.base_model
-    body.embed_tokens = owner_body.embed_tokens
-    body.norm = owner_body.norm
-    if hasattr(owner_body, "rotary_emb"):
-        body.rotary_emb = owner_body.rotary_emb
-    body.layers = nn.ModuleList(HopLayer(block, index, hop.scale) for index, (hop, block) in enumerate(zip(hops, blocks)))
-    shell.set_output_embeddings(owner.get_output_embeddings())
-    left = [name for name, tensor in [*shell.named_parameters(), *shell.named_buffers()] if tensor.is_meta]
-    if left:
-        raise PathModelError(f"{type(owner).__name__} has modules a layer path does not borrow: {left[:3]}")
-    shell.generation_config = copy.deepcopy(owner.generation_config)
+    owner = sources[embed_from]
+    layer_types = None
+    if getattr(owner.config, "layer_types", None) is not None:
+        layer_types = [sources[hop.model].config.layer_types[hop.layer] for hop in hops]
+    shell = _shell(owner, layer_types, len(hops))
+    for layer, hop, block in zip(shell.base_model.layers, hops, blocks):
+        _borrow(layer, block)
+        layer.path_hop = hop
+        if hop.scale != 1.0:
+            layer.register_forward_pre_hook(_scale_input(float(hop.scale)), with_kwargs=True)
+    _check_nothing_left_on_meta(shell)
     return shell.eval()
 
 
@@ -145,29 +152,24 @@ def save_path_model(model: PreTrainedModel, out: str | Path, extra: dict[str, An
     """Each used block once, as the layers of an ordinary checkpoint, plus the hops that walk them."""
     out = Path(out)
     hops = list(model.base_model.layers)
-    unique: dict[int, int] = {}  # id(block) -> stored layer index
-    for hop in hops:
-        unique.setdefault(id(hop.block), len(unique))
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(unique)
-    if getattr(config, "layer_types", None) is not None:
-        first_types = {}
-        for hop, layer_type in zip(hops, config.layer_types):
-            first_types.setdefault(unique[id(hop.block)], layer_type)
-        config.layer_types = [first_types[index] for index in range(len(unique))]
-    with torch.device("meta"):
-        stored = type(model)(config)
-    stored.base_model.layers = nn.ModuleList(
-        next(hop.block for hop in hops if unique[id(hop.block)] == index) for index in range(len(unique))
-    )
-    for name in ("embed_tokens", "norm", "rotary_emb"):
-        if hasattr(model.base_model, name):
-            setattr(stored.base_model, name, getattr(model.base_model, name))
-    stored.set_output_embeddings(model.get_output_embeddings())
-    stored.generation_config = model.generation_config
+    stored_index: dict[tuple[int, int], int] = {}  # (source model, block) -> stored layer index
+    first_hop: list[nn.Module] = []
+    for layer in hops:
+        key = (layer.path_hop.model, layer.path_hop.layer)
+        if key not in stored_index:
+            stored_index[key] = len(first_hop)
+            first_hop.append(layer)
+    layer_types = None
+    if getattr(model.config, "layer_types", None) is not None:
+        layer_types = [model.config.layer_types[hops.index(layer)] for layer in first_hop]
+    stored = _shell(model, layer_types, len(first_hop))
+    for target, layer in zip(stored.base_model.layers, first_hop):
+        _borrow(target, layer)
+    _check_nothing_left_on_meta(stored)
     stored.save_pretrained(out, safe_serialization=True)
     document = {"format": PATH_FORMAT, "version": PATH_VERSION,
-                "hops": [[unique[id(hop.block)], hop.scale] for hop in hops], **(extra or {})}
+                "hops": [[stored_index[layer.path_hop.model, layer.path_hop.layer], layer.path_hop.scale]
+                         for layer in hops], **(extra or {})}
     (out / PATH_FILE).write_text(json.dumps(document, indent=1))
     return out
 

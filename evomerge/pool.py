@@ -1,6 +1,6 @@
 """The pool: the base and source models a search merges, named once and resolved to local paths or hub ids.
 
-`conf/pool/*.yaml` gives either explicit paths / hub ids, or `zoo: true` with model names inside the toy zoo
+`evomerge/conf/pool/*.yaml` gives either explicit paths / hub ids, or `zoo: true` with model names inside the toy zoo
 (built on first use from the `zoo` config). Validation of architectures, shapes and vocabularies happens where
 the tensors are read (the merge engine); here the pool checks that every local path exists and fetches hub ids
 into the local hub cache (the merger reads local safetensors), or finds them there when offline.

@@ -37,9 +37,10 @@ from evomerge.eval.generate import (
 )
 from evomerge.eval.task import load_task
 from evomerge.modelio import load_model, load_tokenizer
+from evomerge.resources import DATA_DIR
 from evomerge.zoo.tokenizer import train_tokenizer
 
-MGSM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
+MGSM_DIR = DATA_DIR / "mgsm"  # the MGSM data shipped with evomerge
 
 
 def build_toy_model(directory: Path) -> Path:
@@ -69,7 +70,7 @@ def toy_prompts(count: int) -> list[str]:
 
 
 def mgsm_prompts(count: int) -> list[str]:
-    task = load_task("mgsm_ja", {"mgsm_dir": str(MGSM_DIR)})
+    task = load_task("mgsm_ja")  # reads MGSM_DIR
     examples = task.load_split("test").examples
     return [task.build_prompt(examples[i % len(examples)].question) for i in range(count)]
 

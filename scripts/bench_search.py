@@ -23,18 +23,18 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from evomerge.cli import CONF_DIR
 from evomerge.pool import resolve_pool
+from evomerge.resources import CONF_MODULE
 from evomerge.search import ps
 from evomerge.search.executor import RayExecutor
 from evomerge.search.run import Budget, SerialExecutor, run_search
 
 
 def load_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["command=search", "progress=false", *overrides])
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 

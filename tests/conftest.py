@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from evomerge.resources import CONF_DIR
 from evomerge.zoo.tokenizer import train_tokenizer
 
 # Unit tests use tiny models, where one thread is as fast as two and leaves the other core free.
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXTS = [
     "問題：太郎はりんごを3個持っています。5個もらいました。全部で何個ですか？\n答え：3 + 5 = 8。答えは8個です。",
     "Question: Tom has 12 apples. He gets 9 more. How many apples does he have?\nAnswer: 12 + 9 = 21. The answer is 21.",
@@ -77,12 +77,12 @@ def model(tiny_checkpoints):
 
 @pytest.fixture(scope="session")
 def micro_zoo_home(tmp_path_factory) -> Path:
-    """A home directory holding the micro toy zoo (conf/zoo/micro.yaml), built once per test session."""
+    """A home directory holding the micro toy zoo (evomerge/conf/zoo/micro.yaml), built once per test session."""
     import yaml
 
     from evomerge.zoo.build import ZooSpec, build_zoo
 
     home = tmp_path_factory.mktemp("evomerge_home")
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "zoo" / "micro.yaml").read_text())
+    spec = yaml.safe_load((CONF_DIR / "zoo" / "micro.yaml").read_text())
     build_zoo(ZooSpec.from_dict(spec), home)
     return home

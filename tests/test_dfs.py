@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from evomerge.cli import main
+from evomerge.eval.generate import cache_keyword, returned_cache
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pathmodel import (
-    HopLayer,
     PathModelError,
     build_path_model,
     recipe_path_model,
@@ -128,6 +128,66 @@ def test_identity_path_gives_exactly_the_models_logits_and_generations(sources, 
                            source.generate(**batch, max_new_tokens=6, do_sample=False))
 
 
+PATH_SHAPES = {
+    "repeated block": [Hop(0, 0, 1.0), Hop(0, 0, 1.0), Hop(0, 1, 1.0)],
+    "equal block index of two models": [Hop(0, 0, 1.0), Hop(0, 1, 1.0), Hop(1, 0, 1.0)],
+    "mixed, scaled, repeated": [Hop(1, 1, 0.7), Hop(0, 1, 1.3), Hop(1, 1, 1.1), Hop(0, 0, 0.9)],
+}
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("hops", PATH_SHAPES.values(), ids=PATH_SHAPES.keys())
+def test_cached_decoding_equals_the_uncached_forward_for_every_path_shape(sources, tokenizer, hops, padded):
+    """Each hop has its own cache slot: prefill + token-by-token decoding with the cache gives the logits of one
+    uncached forward over the whole sequence (hops that shared a slot made these differ, or fail when padded)."""
+    path = build_path_model(hops, sources)
+    prompts = PROMPTS if padded else PROMPTS[:1]
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    new_tokens = torch.tensor([[5, 9, 7]] * len(prompts))
+    with torch.no_grad():
+        out = path(**batch, use_cache=True)
+        cache, mask = returned_cache(out), batch["attention_mask"]
+        for step in range(new_tokens.shape[1]):
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+            out = path(input_ids=new_tokens[:, step:step + 1], attention_mask=mask, use_cache=True,
+                       **{cache_keyword(path): cache})
+        full = path(input_ids=torch.cat([batch["input_ids"], new_tokens], dim=1), attention_mask=mask,
+                    use_cache=False)
+    assert len(cache.layers) == len(hops)  # one slot per hop
+    torch.testing.assert_close(out.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(path.generate(**batch, max_new_tokens=6, do_sample=False),
+                       path.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False))
+
+
+def test_a_hops_scale_multiplies_its_input_stream(sources, batch):
+    """Scale 1.7 on the first hop == the unscaled path fed embeddings multiplied by 1.7."""
+    scaled = build_path_model([Hop(0, 0, 1.7), Hop(1, 1, 1.0)], sources)
+    plain = build_path_model([Hop(0, 0, 1.0), Hop(1, 1, 1.0)], sources)
+    embeds = sources[0].get_input_embeddings()(batch["input_ids"]) * 1.7
+    with torch.no_grad():
+        expected = plain(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        assert torch.equal(scaled(**batch).logits, expected)
+        assert not torch.allclose(plain(**batch).logits, expected)
+
+
+def test_unscaled_path_equals_a_plain_model_holding_copies_of_its_blocks(sources, batch):
+    """An independent reference: an ordinary MistralForCausalLM whose layer k is a copy of hop k's block."""
+    from transformers import MistralForCausalLM
+
+    hops = PATH_SHAPES["equal block index of two models"]
+    path = build_path_model(hops, sources)
+    config = sources[0].config.__class__(**{**sources[0].config.to_dict(), "num_hidden_layers": len(hops)})
+    config.layer_types = None
+    plain = MistralForCausalLM(config).eval()
+    state = {k: v for k, v in sources[0].state_dict().items() if ".layers." not in k}
+    for index, hop in enumerate(hops):
+        for name, tensor in sources[hop.model].model.layers[hop.layer].state_dict().items():
+            state[f"model.layers.{index}.{name}"] = tensor
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(path(**batch).logits, plain(**batch).logits, rtol=0, atol=0)
+
+
 def test_path_model_borrows_blocks_without_copies_and_caches_each_hop(sources, batch):
     hops = [Hop(0, 0, 1.0), Hop(1, 1, 1.3), Hop(0, 0, 0.8), Hop(1, 1, 1.0), Hop(0, 1, 1.1)]
     path = build_path_model(hops, sources)
@@ -145,8 +205,7 @@ def test_path_model_saves_each_block_once_and_loads_back(sources, batch, tmp_pat
     save_path_model(path, tmp_path / "dfs")
     assert json.loads((tmp_path / "dfs" / "config.json").read_text())["num_hidden_layers"] == 3  # (0,0) stored once
     stored = load_model(tmp_path / "dfs")  # evomerge's loader returns the path model
-    assert all(isinstance(layer, HopLayer) for layer in stored.base_model.layers)
-    assert [layer.scale for layer in stored.base_model.layers] == [1.0, 1.3, 0.8, 1.0]
+    assert [layer.path_hop.scale for layer in stored.base_model.layers] == [1.0, 1.3, 0.8, 1.0]
     assert torch.equal(stored.generate(**batch, max_new_tokens=6, do_sample=False),
                        path.generate(**batch, max_new_tokens=6, do_sample=False))
     assert unique_parameters(stored) == unique_parameters(path)
@@ -213,6 +272,11 @@ def test_dfs_search_resumes_exactly_and_reports_the_chosen_path(micro_zoo_home, 
     main(["export", f"run={full}", f"out={tmp_path / 'export'}", "progress=false", f"home={micro_zoo_home}"])
     model = load_model(tmp_path / "export" / "model")
     assert len(model.base_model.layers) == len(recipe.path)
+    # the micro zoo's scores are ~0 whatever runs: compare the exported model's logits with the searched path's
+    searched = recipe_path_model(recipe, [load_model(path) for path in recipe.models])
+    batch = load_tokenizer(recipe.models[0])(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, searched(**batch).logits)
     main(["eval", f"model={tmp_path / 'export' / 'model'}", "task=toy_two_skill", "zoo=micro",
           f"home={micro_zoo_home}", f"out={tmp_path / 'eval.json'}", "progress=false"])
     evaluated = json.loads((tmp_path / "eval.json").read_text())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -11,8 +10,7 @@ from omegaconf import OmegaConf
 from evomerge.eval.command import eval_command, model_key
 from evomerge.merge.stream import merge_to_disk
 from evomerge.recipe import PSRecipe
-
-MGSM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
+from evomerge.resources import DATA_DIR
 
 
 def test_eval_command_writes_a_report_with_every_sample(tiny_checkpoints, tmp_path):
@@ -24,7 +22,6 @@ def test_eval_command_writes_a_report_with_every_sample(tiny_checkpoints, tmp_pa
             "split": "test",
             "out": str(out),
             "max_new_tokens": 3,
-            "mgsm_dir": str(MGSM_DIR),
             "progress": False,
         }
     )
@@ -37,7 +34,7 @@ def test_eval_command_writes_a_report_with_every_sample(tiny_checkpoints, tmp_pa
     sample = report["samples"][0]
     assert {"prompt", "generation", "extracted", "gold", "japanese_prob", "correct", "correct_ja"} <= set(sample)
     assert sample["gold"] == "18" and sample["prompt"].endswith("### 応答:\n")
-    assert report["data_sources"]["mgsm_ja"] == str(MGSM_DIR.resolve() / "mgsm_ja.tsv")
+    assert report["data_sources"]["mgsm_ja"] == str(DATA_DIR.resolve() / "mgsm" / "mgsm_ja.tsv")  # no mgsm_dir: shipped data
 
 
 def test_eval_command_reuses_its_cache_file(tiny_checkpoints, tmp_path, monkeypatch, capsys):
@@ -77,7 +74,7 @@ def test_eval_of_a_recipe_matches_eval_of_the_model_merged_to_disk(tiny_checkpoi
     recipe = PSRecipe.uniform("ties", tiny_checkpoints["base"], [tiny_checkpoints["expert_a"], tiny_checkpoints["expert_b"]],
                               groups=["embed", "blocks.0", "blocks.1", "head"], weight=[0.7, 0.4], density=0.5)
     merged = merge_to_disk(recipe, tmp_path / "merged")
-    common = {"task": "mgsm_ja", "split": "test", "max_new_tokens": 4, "mgsm_dir": str(MGSM_DIR), "progress": False}
+    common = {"task": "mgsm_ja", "split": "test", "max_new_tokens": 4, "progress": False}
     from_recipe = eval_command(OmegaConf.create({**common, "recipe": str(recipe.save(tmp_path / "r.yaml")),
                                                  "out": str(tmp_path / "a.json")}))
     from_disk = eval_command(OmegaConf.create({**common, "model": str(merged), "out": str(tmp_path / "b.json")}))

@@ -17,8 +17,9 @@ from evomerge.eval.generate import (
     static_cache,
 )
 from evomerge.modelio import load_model
+from evomerge.pathmodel import build_path_model
 
-from conftest import SHARED_DATA, tiny_config
+from conftest import tiny_config
 
 HEADER = "以下に、あるタスクを説明する指示があります。一歩一歩考えましょう。\n\n### 指示:\n"
 QUESTIONS = [
@@ -183,13 +184,12 @@ def test_the_prefix_cache_is_copied_per_batch_and_no_cache_is_made_where_a_windo
 
 
 def test_layer_path_models_share_the_prefix_too(tiny_checkpoints, tokenizer):
-    pathmodel = pytest.importorskip("evomerge.pathmodel")
     from evomerge.recipe import Hop
 
     sources = [load_model(tiny_checkpoints["base"]), load_model(tiny_checkpoints["expert_b"])]
     hops = [Hop(model=0, layer=0, scale=1.0), Hop(model=1, layer=1, scale=0.9), Hop(model=0, layer=1, scale=1.0),
             Hop(model=1, layer=1, scale=1.1)]  # a block that runs twice keeps two cache slots
-    path = pathmodel.build_path_model(hops, sources)
+    path = build_path_model(hops, sources)
     settings = GenerationSettings(max_new_tokens=10, batch_size=3, max_padding=0.99)
     encoded = encode_prompts(tokenizer, PROMPTS, 3, 0.99)
     with torch.inference_mode():
@@ -198,9 +198,8 @@ def test_layer_path_models_share_the_prefix_too(tiny_checkpoints, tokenizer):
     assert generate_encoded(path, tokenizer, encoded, settings, progress=False) == one_at_a_time(path, tokenizer, PROMPTS, settings)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mgsm" / "mgsm_ja.tsv").is_file(), reason="needs the MGSM data in shared/data")
 def test_evaluator_on_mgsm_ja_shares_the_instruction_header(model, tokenizer, monkeypatch):
-    task = load_task("mgsm_ja", {"mgsm_dir": str(SHARED_DATA / "mgsm")})
+    task = load_task("mgsm_ja")  # the MGSM data shipped with evomerge
     evaluator = Evaluator(task, "test", tokenizer, max_new_tokens=6, progress=False)
     prepared = evaluator.prepared[0]
     assert prepared.encoded.prefix_ids is not None and prepared.encoded.prefix_ids.shape[1] >= 40

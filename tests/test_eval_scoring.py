@@ -1,18 +1,17 @@
-"""Answer extraction, the fastText Japanese check and the MGSM-JA task, on the real MGSM fixture data."""
+"""Answer extraction, the fastText Japanese check and the MGSM-JA task, on the real MGSM data shipped with evomerge."""
 
 from __future__ import annotations
 
 import json
 import types
-from pathlib import Path
-
 import pytest
 
 from evomerge.eval import language
 from evomerge.eval.scoring import extract_last_number, numbers_match, parse_gold_number, phrase_in_first_line
 from evomerge.eval.task import load_task
+from evomerge.resources import DATA_DIR
 
-MGSM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
+MGSM_DIR = DATA_DIR / "mgsm"  # read by the mgsm_ja tasks when no mgsm_dir is given
 
 # The English originals of the 8 MGSM exemplar answers (url-nlp mgsm/exemplars.py, "en"), same numbers as "ja".
 ENGLISH_EXEMPLAR_ANSWERS = [
@@ -39,7 +38,7 @@ ENGLISH_EXEMPLAR_ANSWERS = [
 
 @pytest.fixture(scope="module")
 def mgsm_ja():
-    return load_task("mgsm_ja", {"mgsm_dir": str(MGSM_DIR)})
+    return load_task("mgsm_ja")
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +142,8 @@ def test_mgsm_prompt_for_item_0_matches_evollm_template(mgsm_ja):
 
 
 def test_fewshot_prompt_has_the_8_exemplars_before_the_question(exemplars):
-    fewshot = load_task("mgsm_ja_fewshot", {"mgsm_dir": str(MGSM_DIR)})
-    zero_shot = load_task("mgsm_ja", {"mgsm_dir": str(MGSM_DIR)})
+    fewshot = load_task("mgsm_ja_fewshot")
+    zero_shot = load_task("mgsm_ja")
     prompt = fewshot.build_prompt("QUESTION")
     instruction = zero_shot.build_prompt("QUESTION").split("\n\n", 1)[0]
     pairs = "".join(

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 class ErrorProneProblem(SyntheticProblem):
-    """The synthetic problem with more failing candidates: those whose second value is above 0.5."""
+    """The synthetic problem with other failing candidates: those whose second value is above 0.5."""
+
+    safe_limit = 1.0
 
     def __init__(self):
         super().__init__(None)

@@ -1,8 +1,7 @@
-"""`evomerge merge` entry point and the conf/merge method defaults."""
+"""`evomerge merge` entry point and the evomerge/conf/merge method defaults."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,8 +11,9 @@ from evomerge.merge import MergeError
 from evomerge.merge.command import merge_command, recipe_from_merge_config
 from evomerge.modelio import CheckpointReader
 from evomerge.recipe import METHODS, PSRecipe
+from evomerge.resources import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "merge"
+CONF = CONF_DIR / "merge"
 
 
 def test_every_method_has_a_config_that_builds_a_recipe():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import yaml
 
 from evomerge.cli import main
+from evomerge.resources import CONF_DIR
 from evomerge.study.command import study
 from evomerge.study.run import expert_subsets, load_pool, method_grid, normalized
 from evomerge.zoo import corpus
@@ -26,7 +26,7 @@ from evomerge.zoo.study_zoo import (
     load_study_zoo_spec,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def _settings(**changes):
@@ -35,11 +35,13 @@ def _settings(**changes):
     return settings
 
 
-def test_default_zoo_specs_keep_their_hashes():
-    """The study must not change the default zoo: same spec hashes as the cached zoo and the micro zoo."""
-    full = ZooSpec.from_dict(yaml.safe_load((CONF / "zoo" / "full.yaml").read_text()))
-    micro = ZooSpec.from_dict(yaml.safe_load((CONF / "zoo" / "micro.yaml").read_text()))
-    assert (full.hash, micro.hash) == ("75c205727f", "c56fb996f5")
+def test_study_zoos_stand_on_the_default_zoos_unchanged():
+    """The study must not change the default zoo: its foundation is exactly the spec `evomerge search` builds
+    (hence the same directory), and the micro study zoo's is the micro zoo's."""
+    for study_file, zoo_file in [("study.yaml", "full.yaml"), ("study_micro.yaml", "micro.yaml")]:
+        foundation = load_study_zoo_spec(yaml.safe_load((CONF / "zoo" / study_file).read_text())).foundation_spec
+        zoo = ZooSpec.from_dict(yaml.safe_load((CONF / "zoo" / zoo_file).read_text()))
+        assert foundation.to_dict() == zoo.to_dict() and foundation.hash == zoo.hash
 
 
 def test_tiny_study_on_the_micro_zoo(micro_zoo_home, tmp_path):
@@ -125,9 +127,8 @@ def test_study_data_never_reaches_training():
 def test_study_zoo_spec_hash_covers_the_foundation():
     values = yaml.safe_load((CONF / "zoo" / "study.yaml").read_text())
     spec = load_study_zoo_spec(values)
-    assert spec.foundation_spec.hash == "75c205727f"
     other = load_study_zoo_spec({**values, "foundation": "micro"})
-    assert spec.hash != other.hash
+    assert spec.foundation_spec.hash != other.foundation_spec.hash and spec.hash != other.hash
     with pytest.raises(ValueError, match="toy_nope"):
         StudyZooSpec.from_dict({"held_in": ["toy_nope"]})
 
@@ -140,7 +141,7 @@ def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
         assert (kind.base / "model.safetensors").is_file()
         assert sorted(kind.experts) == sorted(pool.held_in) and all(p.is_dir() for p in kind.experts.values())
         assert set(kind.expert_scores) == set(pool.held_in)
-    report = json.loads((pool.zoo / "zoo_report.json").read_text())
-    assert set(report["build_seconds"]) == {"write_data", "copy_base", "instruct_base", "train_experts", "report"}
+    build = json.loads((pool.zoo / "build.json").read_text())
+    assert set(build["seconds"]) == {"write_data", "copy_base", "instruct_base", "train_experts", "report"}
     assert not pool.zoo.with_name(pool.zoo.name + ".partial").exists()
     assert load_pool("study_micro", micro_zoo_home).zoo == pool.zoo  # found, not built again

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from evomerge.cli import CONF_DIR, hydra_arguments, main
+from evomerge.cli import hydra_arguments, main
+from evomerge.resources import CONF_MODULE
 from evomerge.search.sweep import SUMMARY_JSON, SUMMARY_MD, format_summary, summary_rows
 
 MICRO = ["zoo=micro", "progress=false", "search.popsize=4"]
@@ -104,7 +105,7 @@ def test_a_run_that_fails_is_in_the_summary_and_the_sweep_goes_on(micro_zoo_home
 
 
 def _launcher(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["command=search", *overrides], return_hydra_config=True)
     assert cfg.hydra.callbacks.sweep_summary._target_ == "evomerge.search.sweep.SweepSummary"
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=False)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from evomerge.modelio import load_model, load_tokenizer
+from evomerge.resources import CONF_DIR
 from evomerge.zoo import corpus
 from evomerge.zoo.build import ZooSpec, build_zoo, zoo_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "zoo"
+CONF = CONF_DIR / "zoo"
 
 
 def micro_spec() -> ZooSpec:

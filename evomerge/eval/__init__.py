@@ -1,4 +1,4 @@
-"""The evaluator: tasks defined as data under `tasks/`, batched greedy generation, scoring, result cache.
+"""The evaluator: tasks defined as data under `evomerge/tasks/`, batched greedy generation, scoring, result cache.
 
 Typical use (a search builds the Evaluator once and calls `evaluate` per candidate):
 

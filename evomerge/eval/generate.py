@@ -24,6 +24,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate, pairwise
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -257,6 +258,17 @@ def _forward_kwargs(model: torch.nn.Module) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name of the KV cache argument of the model's forward and generate: `cache` from transformers 5.2x
+    on (where `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(outputs: Any) -> Cache | None:
+    """The KV cache a forward returned, under either name."""
+    return outputs.get("cache", outputs.get("past_key_values"))
+
+
 def prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor) -> Cache | None:
     """The KV cache of the shared prefix, from the model's own forward (whatever its layer count or cache
     layout: a layer-path model has one cache slot per hop). None where the model gives no usable cache;
@@ -264,7 +276,7 @@ def prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor) -> Cache | No
     if not callable(model):
         return None
     outputs = model(input_ids=prefix_ids, use_cache=True, **_forward_kwargs(model))
-    cache = getattr(outputs, "past_key_values", None)
+    cache = returned_cache(outputs)
     if not isinstance(cache, Cache) or cache.get_seq_length() != prefix_ids.shape[1]:
         return None
     for layer in getattr(cache, "layers", ()):
@@ -316,7 +328,8 @@ def prefilled_cache(
         if batch.width - 1 > cached:  # as generate derives them: each real token's place in its own prompt
             position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
             model(input_ids=input_ids[:, cached:-1], attention_mask=attention_mask[:, :-1],
-                  position_ids=position_ids[:, cached:-1], past_key_values=part, use_cache=True, **_forward_kwargs(model))
+                  position_ids=position_ids[:, cached:-1], use_cache=True, **{cache_keyword(model): part},
+                  **_forward_kwargs(model))
         for index, (layer, filled) in enumerate(zip(cache.layers, part.layers)):
             if not filled.is_initialized:
                 continue  # nothing was read: no prefix and one-token rows
@@ -364,7 +377,7 @@ def generate_encoded(
                 generation_config=config,
                 stopping_criteria=stopping,
                 logits_processor=LogitsProcessorList([RaiseOnNonFiniteLogits()]),
-                **({"past_key_values": cache} if cache is not None else {}),
+                **({cache_keyword(model): cache} if cache is not None else {}),
             )
             texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
             for position, text in zip(group.positions, texts):

@@ -1,11 +1,16 @@
-"""Tasks as data: each `tasks/<name>.yaml` names its data per split, its prompt template, its scorer and
-its primary metric; this module loads them, reads their data, builds prompts and scores generations.
+"""Tasks as data: each `evomerge/tasks/<name>.yaml` names its data per split, its prompt template, its scorer
+and its primary metric; this module loads them, reads their data, builds prompts and scores generations.
+
+A task is named either by its bare name (looked up in `tasks_dir`, then in the packaged tasks) or by the
+path of a YAML file of one's own (`task.name=$HOME/my_tasks/qa.yaml`); inside a file, `extends:` and
+`components:` names are looked up in that file's directory first, then in the packaged tasks.
 
 A split is read from a local TSV (`question<TAB>answer`, no header) or JSONL (`{"question", "answer"}`
 per line) when that file exists, and otherwise from the hub (`datasets.load_dataset`) when the split names
 a hub dataset, so offline machines and tests never touch the network. Paths may use `${variable}`; a
-task's YAML can give defaults under `variables:`, the caller's mapping overrides them, and `${tasks_dir}`
-is always the directory holding the YAML.
+task's YAML can give defaults under `variables:`, the caller's mapping overrides them, `${tasks_dir}`
+is always the directory holding the YAML and `${evomerge_data}` the data shipped with evomerge
+(`evomerge/data`, e.g. the MGSM test sets).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from evomerge.eval.scoring import (
     parse_gold_number,
     phrase_in_first_line,
 )
+from evomerge.resources import DATA_DIR, TASKS_DIR
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+TASK_FILE_SUFFIXES = (".yaml", ".yml")  # a task name ending in one of these is the path of a task file
 SCORERS = ("last_number", "phrase_first_line")
 SAMPLE_METRICS = ("acc", "acc_ja", "ja_rate")
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
@@ -245,17 +251,19 @@ def check_objectives(objectives: Sequence[str], task: AnyTask, extra: Sequence[s
             raise TaskError(f"unknown metric {objective!r} in search.objectives: task {task.name!r} yields {known}")
 
 
-def available_tasks(tasks_dir: Path = TASKS_DIR) -> list[str]:
+def available_tasks(tasks_dir: str | Path = TASKS_DIR) -> list[str]:
     return sorted(path.stem for path in Path(tasks_dir).glob("*.yaml"))
 
 
 def load_task(
     name: str, variables: Mapping[str, Any] | None = None, tasks_dir: str | Path = TASKS_DIR
 ) -> AnyTask:
-    """Load `tasks/<name>.yaml`. `variables` fills `${...}` in data paths (e.g. {"zoo_dir": ...});
-    unset ones are only an error when a split that needs them is read."""
-    tasks_dir = Path(tasks_dir)
-    config, path = _read_config(name, tasks_dir)
+    """Load task `name`: `<tasks_dir>/<name>.yaml`, else the packaged `evomerge/tasks/<name>.yaml`; a name
+    ending in .yaml/.yml is the task file's own path (`~` expanded, relative to the current directory).
+    `variables` fills `${...}` in data paths (e.g. {"zoo_dir": ...}); unset ones are only an error when a
+    split that needs them is read."""
+    config, path = _read_config(name, _search_dirs(tasks_dir))
+    name = path.stem
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     if "components" in config:
         _check_keys(config, {"name", "description", "components"}, path)
@@ -263,7 +271,7 @@ def load_task(
         for index, entry in enumerate(_require(config, "components", list, path)):
             if not isinstance(entry, dict) or set(entry) != {"task", "metric"}:
                 raise TaskError(f"{path}: components[{index}] must be a mapping with exactly 'task' and 'metric'")
-            task = load_task(entry["task"], variables, tasks_dir)
+            task = load_task(entry["task"], variables, path.parent)
             if not isinstance(task, Task):
                 raise TaskError(f"{path}: component {entry['task']!r} is itself a composite; nest only plain tasks")
             components.append(Component(task, _check_metric(entry["metric"], path)))
@@ -273,11 +281,29 @@ def load_task(
     return _build_task(name, config, path, variables or {}, fingerprint)
 
 
-def _read_config(name: str, tasks_dir: Path, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
+def _search_dirs(first: str | Path) -> tuple[Path, ...]:
+    """Where a bare task name is looked up: `first`, then the packaged tasks."""
+    return tuple(dict.fromkeys([Path(first).expanduser().resolve(), TASKS_DIR.resolve()]))
+
+
+def _find_task(name: str, search_dirs: tuple[Path, ...]) -> Path:
+    if str(name).endswith(TASK_FILE_SUFFIXES):
+        path = Path(name).expanduser().resolve()
+        if not path.is_file():
+            raise TaskError(f"task file {path} does not exist")
+        return path
+    for directory in search_dirs:
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            return path
+    known = "; ".join(f"in {directory}: {available_tasks(directory)}" for directory in search_dirs)
+    raise TaskError(f"unknown task {name!r} (or the path of a task .yaml file); known tasks {known}")
+
+
+def _read_config(name: str, search_dirs: tuple[Path, ...], seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], Path]:
     """The task's YAML as a dict, with `extends: <base>` merged in (this file's keys win, mappings merge)."""
-    path = tasks_dir / f"{name}.yaml"
-    if not path.is_file():
-        raise TaskError(f"unknown task {name!r}; known tasks in {tasks_dir}: {available_tasks(tasks_dir)}")
+    path = _find_task(name, search_dirs)
+    name = path.stem
     with path.open(encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
     if not isinstance(config, dict):
@@ -289,7 +315,7 @@ def _read_config(name: str, tasks_dir: Path, seen: tuple[str, ...] = ()) -> tupl
         return config, path
     if base_name in seen + (name,):
         raise TaskError(f"{path}: 'extends' forms a cycle through {base_name!r}")
-    base, _ = _read_config(base_name, tasks_dir, seen + (name,))
+    base, _ = _read_config(base_name, _search_dirs(path.parent), seen + (name,))
     return _deep_merge(base, config), path
 
 
@@ -325,7 +351,7 @@ def _build_task(
     if not all(isinstance(stop, str) and stop for stop in stop_strings):
         raise TaskError(f"{path}: generation.stop must be a list of non-empty strings")
 
-    variables = {"tasks_dir": str(path.parent)}
+    variables = {"tasks_dir": str(path.parent), "evomerge_data": str(DATA_DIR)}
     variables.update({key: str(value) for key, value in (config.get("variables") or {}).items()})
     variables.update({key: str(value) for key, value in caller_variables.items() if value is not None})
     variables = {key: _resolve_variables(value, variables, f"{path} variable {key!r}") for key, value in variables.items()}

@@ -4,7 +4,6 @@ scored on the task's search split; the winner, the sources and uniform baselines
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,11 +19,12 @@ from evomerge.modelio import load_model
 from evomerge.pathmodel import path_length, unique_parameters
 from evomerge.pool import Pool
 from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, DFSRecipe, PSRecipe
+from evomerge.resources import CONF_DIR
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
 from evomerge.search.run import SearchError
 
-CONF_MERGE = Path(__file__).resolve().parents[2] / "conf" / "merge"
+CONF_MERGE = CONF_DIR / "merge"
 BASELINES = ("ties", "dare_ties", "task_arithmetic")
 
 
@@ -96,7 +96,7 @@ def _method_defaults(cfg: DictConfig) -> dict[str, float]:
 
 
 def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
-    """Uniform merges with each method's default values (conf/merge/<method>.yaml): what a hand-tuned merge starts from."""
+    """Uniform merges with each method's default values (evomerge/conf/merge/<method>.yaml): what a hand-tuned merge starts from."""
     recipes = {}
     for method in BASELINES:
         settings = yaml.safe_load((CONF_MERGE / f"{method}.yaml").read_text())

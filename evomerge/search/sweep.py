@@ -2,7 +2,7 @@
 with its overrides, best search score and test score, written to the sweep directory as `sweep_summary.json` and
 `sweep_summary.md` and printed at the end.
 
-`SweepSummary` is a Hydra callback (conf/config.yaml, `hydra.callbacks`). Each job, wherever a launcher ran it
+`SweepSummary` is a Hydra callback (evomerge/conf/config.yaml, `hydra.callbacks`). Each job, wherever a launcher ran it
 (this process, a joblib worker, a SLURM node), leaves `sweep_job.json` in its job directory (`on_job_end`) and
 refreshes the summary from all jobs finished so far, so the table exists even if the sweep is cut short; at the end
 of the sweep (`on_multirun_end`) the summary is written again and printed. A run's results are read from its

@@ -1,7 +1,7 @@
 """`evomerge study`: build (or find) the study zoo, run every merge of the study, and write the summary.
 
-Settings come from `conf/study/default.yaml`, with `+study.<key>=...` overrides on top (or `+study=<file>` for
-another file under conf/study/). The run writes into Hydra's run directory (`outputs/study/<date_time>/`), or into
+Settings come from `evomerge/conf/study/default.yaml`, with `+study.<key>=...` overrides on top (or `+study=<file>` for
+another file under evomerge/conf/study/). The run writes into Hydra's run directory (`outputs/study/<date_time>/`), or into
 `resume=<dir>` to finish a run that was cut short: `results.jsonl` (one line per merge), `summary.json`,
 `study.md` (the table and findings) and `study_methods.png`, `study_base_kinds.png`.
 """
@@ -16,14 +16,15 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.study.run import CONF, load_pool, run_study
+from evomerge.resources import CONF_DIR
+from evomerge.study.run import load_pool, run_study
 from evomerge.study.summary import plot, pool_info, report_markdown, summarize
 from evomerge.zoo.report import format_report
 from evomerge.zoo.study_zoo import format_study_report
 
 
 def study_settings(cfg: DictConfig) -> dict[str, Any]:
-    settings = yaml.safe_load((CONF / "study" / "default.yaml").read_text())
+    settings = yaml.safe_load((CONF_DIR / "study" / "default.yaml").read_text())
     known = set(settings)  # every setting has a default there
     given = OmegaConf.select(cfg, "study")
     if given is not None:  # a given mapping (methods) replaces the default one: to run fewer methods

@@ -24,6 +24,7 @@ import yaml
 from evomerge.merge.command import recipe_from_merge_config
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.recipe import METHODS, PSRecipe
+from evomerge.resources import CONF_DIR
 from evomerge.zoo import build
 from evomerge.zoo.report import TaskSuite
 from evomerge.zoo.study_zoo import (
@@ -32,9 +33,6 @@ from evomerge.zoo.study_zoo import (
     expert_dir,
     load_study_zoo_spec,
 )
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
 
 @dataclass(frozen=True)
 class BaseKind:
@@ -60,10 +58,10 @@ def _primary(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
 
 
 def load_pool(zoo: str, home: str | Path) -> StudyPool:
-    """The study pool of `conf/zoo/<zoo>.yaml`, building the zoo if needed: a study zoo gives both base kinds and
+    """The study pool of `evomerge/conf/zoo/<zoo>.yaml`, building the zoo if needed: a study zoo gives both base kinds and
     all its experts; a default-layout zoo (full, micro) gives one base kind ("plain") and its two experts, with its
     remaining task (toy_ja_math) held out."""
-    values = yaml.safe_load((CONF / "zoo" / f"{zoo}.yaml").read_text())
+    values = yaml.safe_load((CONF_DIR / "zoo" / f"{zoo}.yaml").read_text())
     if "foundation" in values:
         spec = load_study_zoo_spec(values)
         path = build_study_zoo(spec, home)

@@ -7,14 +7,14 @@ an interrupted build resumes; the directory is renamed into place only when the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
-import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from evomerge.zoo.tokenizer import train_tokenizer
 from evomerge.zoo.train import finetune, mean_tail, pretrain
 
 SPEC_VERSION = 2  # bump when code changes what a spec builds
+# Every build trains with this many torch threads, whatever the machine has: the zoo's bits depend on it.
+BUILD_THREADS = 2
 TASKS = ("toy_ja_qa", "toy_en_math", "toy_ja_math")
 OBJECTIVE = "toy_two_skill"  # both experts' skills in one model: the zoo's default search objective
 REPORT_TASKS = (*TASKS, OBJECTIVE)
@@ -109,6 +111,21 @@ def build_zoo(spec: ZooSpec, home: str | Path) -> Path:
     )
 
 
+@contextlib.contextmanager
+def reproducible_torch(threads: int = BUILD_THREADS) -> Iterator[None]:
+    """A fixed thread count and deterministic kernels while a zoo is built, restored afterwards (they are no
+    setting of the caller's). The thread count fixes the order of float sums in CPU kernels, hence the bits."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+
+
 def build_in_stages(
     final: Path, stages: Mapping[str, Callable[[Path], None]], report: Callable[[Path], dict], spec: dict
 ) -> Path:
@@ -116,18 +133,18 @@ def build_in_stages(
     it finished), then write `spec.json` and `zoo_report.json` (with each stage's seconds) and rename it."""
     work = final.with_name(final.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)  # training is the heavy job: use every core
     timings = {}
-    for name, stage in stages.items():
+    with reproducible_torch():
+        for name, stage in stages.items():
+            started = time.perf_counter()
+            stage(work)
+            timings[name] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
-        stage(work)
-        timings[name] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    result = report(work)
-    timings["report"] = round(time.perf_counter() - started, 1)
-    result["build_seconds"] = timings
+        result = report(work)
+        timings["report"] = round(time.perf_counter() - started, 1)
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
-    _write_json(work / "zoo_report.json", result)
+    _write_json(work / "build.json", {"seconds": timings, "torch_threads": BUILD_THREADS})
+    _write_json(work / "zoo_report.json", result)  # no timings in it: two builds of one spec give the same bytes
     if final.exists():  # a stale, incomplete directory from an older layout
         shutil.rmtree(final)
     work.rename(final)

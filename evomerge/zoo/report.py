@@ -81,6 +81,21 @@ def _portable(recipe: dict, zoo: Path) -> dict:
     return {**recipe, "base": rel(recipe["base"]), "models": [rel(m) for m in recipe["models"]]}
 
 
+GATES = {  # what makes a zoo worth searching: experts that each master one skill, and merges with room to win
+    "ja_expert masters toy_ja_qa (acc_ja >= 0.9)": lambda m, p: m["ja_expert"]["toy_ja_qa"]["acc_ja"] >= 0.9,
+    "math_expert masters toy_en_math (acc >= 0.9)": lambda m, p: m["math_expert"]["toy_en_math"]["acc"] >= 0.9,
+    "ja_expert lacks toy_en_math (acc <= 0.2)": lambda m, p: m["ja_expert"]["toy_en_math"]["acc"] <= 0.2,
+    "math_expert lacks toy_ja_qa (acc_ja <= 0.2)": lambda m, p: m["math_expert"]["toy_ja_qa"]["acc_ja"] <= 0.2,
+    "merge probe >= better expert + 0.10 on toy_two_skill": lambda m, p: p["tasks"]["toy_two_skill"]["score"]
+    >= max(m[name]["toy_two_skill"]["score"] for name in ("ja_expert", "math_expert")) + 0.10,
+}
+
+
+def gate_results(report: Mapping[str, Any]) -> dict[str, bool]:
+    """Each gate of the default zoo's recipe, passed or not, on a zoo report."""
+    return {name: bool(gate(report["models"], report["merge_probe"])) for name, gate in GATES.items()}
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """A plain-text table: one row per model (and the merge probe), one column per task's primary score."""
     rows = dict(report["models"])

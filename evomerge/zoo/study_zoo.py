@@ -26,6 +26,7 @@ from pathlib import Path
 
 from evomerge.eval.task import load_task
 from evomerge.modelio import load_model, load_tokenizer
+from evomerge.resources import CONF_DIR
 from evomerge.zoo import corpus
 from evomerge.zoo.build import (
     ZooSpec,
@@ -55,7 +56,7 @@ class StudyZooSpec:
     """Everything a study zoo is built from; its hash (with the foundation's) names the directory."""
 
     variant: str = "study"
-    foundation: dict = field(default_factory=dict)  # a ZooSpec as a dict (conf/zoo/full.yaml by default)
+    foundation: dict = field(default_factory=dict)  # a ZooSpec as a dict (evomerge/conf/zoo/full.yaml by default)
     seed: int = 1
     held_in: tuple[str, ...] = (
         "toy_ja_qa", "toy_en_math", "toy_en_qa", "toy_count", "toy_sort", "toy_reverse", "toy_en_ja", "toy_ja_en",
@@ -255,11 +256,11 @@ def format_study_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-CONF_ZOO = Path(__file__).resolve().parents[2] / "conf" / "zoo"
+CONF_ZOO = CONF_DIR / "zoo"
 
 
 def load_study_zoo_spec(values: dict) -> StudyZooSpec:
-    """A study zoo spec from its YAML values; `foundation` may name a default-zoo config (`full` = conf/zoo/full.yaml)."""
+    """A study zoo spec from its YAML values; `foundation` may name a default-zoo config (`full` = evomerge/conf/zoo/full.yaml)."""
     import yaml
 
     values = dict(values)
