@@ -78,6 +78,23 @@ def task_data(text: str):
     return setup
 
 
+def only_test_task(tmp, ckpt, **_):
+    (tmp / "only_test.yaml").write_text(
+        "name: only_test\nscorer: last_number\nprimary_metric: acc\nprompt: {template: 'Q: {question}'}\n"
+        "generation: {max_new_tokens: 4}\nsplits: {test: {local: '${tasks_dir}/rows.jsonl'}}\n")
+    (tmp / "rows.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    return {}
+
+
+def overlapping_search_set(tmp, ckpt, **_):
+    from evomerge.resources import DATA_DIR
+
+    test_row = (DATA_DIR / "mgsm" / "mgsm_ja.tsv").read_text(encoding="utf-8").splitlines()[3]
+    (tmp / "search.tsv").write_text(f"りんごが3個あります。2個もらいました。全部で何個ですか？\t5\n{test_row}\n",
+                                    encoding="utf-8")
+    return {}
+
+
 def foreign_dir(tmp, ckpt, **_):
     (tmp / "notes").mkdir()
     (tmp / "notes" / "todo.txt").write_text("not a run\n")
@@ -170,6 +187,15 @@ ROWS = [
         "setting search.sigma0 was 0.1667 in the checkpoint, is 0.3 now", copied_run()),
     Row("checkpoint from an incompatible version", (*MICRO, "resume={run}"),
         "is not an evomerge checkpoint of version 1", copied_run(old_version)),
+    Row("device this machine lacks", (*tiny_pool("{a}"), "device=cuda:99"), "device=cuda:99: "),
+    Row("unknown dtype", (*tiny_pool("{a}"), "dtype=float8"), "dtype=float8: use one of float32, bfloat16, float16"),
+    Row("executor that does not exist", (*tiny_pool("{a}"), "executor.kind=dask"),
+        "executor.kind='dask': use 'serial' or 'ray'"),
+    Row("task with no search split", (*tiny_pool("{a}", "{b}"), "task.name={tmp}/only_test.yaml"),
+        "task 'only_test' has no split 'search', which a search needs", only_test_task),
+    Row("search set that shares a question with the test set", (*tiny_pool("{a}", "{b}"), "task=mgsm_ja",
+                                                                  "mgsm_search_file={tmp}/search.tsv"),
+        "split 'search' ({tmp}/search.tsv) shares 1 question(s) with split 'test'", overlapping_search_set),
     Row("unknown Hydra override", ("search", "no_such_key=1"), "bad override: Could not override 'no_such_key'"),
     Row("output directory that exists and is not a run", ("search", "hydra.run.dir={tmp}/notes"),
         "output directory {tmp}/notes exists and is not a search run", foreign_dir),

@@ -150,4 +150,4 @@ def test_fewshot_prompt_has_the_8_exemplars_before_the_question(exemplars):
         f"### 指示:\n{e['q']}\n\n### 応答:\n{e['a']}\n\n" for e in (exemplars["exemplars"][str(i)] for i in range(1, 9))
     )
     assert prompt == f"{instruction}\n\n{pairs}### 指示:\nQUESTION\n\n### 応答:\n"
-    assert prompt.count("### 指示:") == 9 and fewshot.splits.keys() == {"test"}
+    assert prompt.count("### 指示:") == 9 and fewshot.splits.keys() == {"search", "test"}

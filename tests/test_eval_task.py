@@ -112,8 +112,8 @@ def test_unset_variable_is_named():
 
 
 def test_unknown_split_lists_the_splits():
-    with pytest.raises(TaskError, match=r"no split 'search'.*\['test'\]"):
-        load_task("mgsm_ja").load_split("search")
+    with pytest.raises(TaskError, match=r"no split 'train'.*\['search', 'test'\]"):
+        load_task("mgsm_ja").load_split("train")
 
 
 def test_missing_data_file_is_named(tmp_path):
@@ -171,3 +171,128 @@ def test_task_yaml_errors_name_the_file(tmp_path):
     (tmp_path / "short.yaml").write_text("name: short\nscorer: last_number\n")
     with pytest.raises(TaskError, match=r"short\.yaml: missing required key 'prompt'"):
         load_task("short", tasks_dir=tmp_path)
+
+
+# --- MGSM-JA's search split: a local file, else EvoLLM's search set on the hub; never overlapping the test rows ---
+
+MGSM_SEARCH_HUB = ("SakanaAI/gsm8k-ja-test_250-1319", None, "test")  # dataset id, config, split (task settings)
+SEARCH_ROWS = [("りんごが3個あります。2個もらいました。全部で何個ですか？", "5"),
+               ("えんぴつが10本あります。4本あげました。残りは何本ですか？", "6")]
+
+
+class FakeHubDataset(list):
+    """What datasets.load_dataset returns, as far as the task reads it: rows and their column names."""
+
+    def __init__(self, rows, columns):
+        super().__init__(rows)
+        self.column_names = columns
+
+
+def no_network(monkeypatch):
+    """Offline as HF_HUB_OFFLINE=1 makes it, with datasets.load_dataset failing as it does then."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def offline(path, name=None, split=None):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+
+
+def mgsm_test_questions() -> list[str]:
+    return [example.question for example in load_task("mgsm_ja").load_split("test").examples]
+
+
+def test_mgsm_search_split_reads_a_local_file(tmp_path, monkeypatch):
+    no_network(monkeypatch)
+    write_jsonl(tmp_path / "search.jsonl", SEARCH_ROWS)
+    (tmp_path / "search.tsv").write_text("".join(f"{q}\t{a}\n" for q, a in SEARCH_ROWS), encoding="utf-8")
+    for name in ("search.jsonl", "search.tsv"):
+        for task_name in ("mgsm_ja", "mgsm_ja_fewshot"):  # the few-shot task inherits the split
+            data = load_task(task_name, {"mgsm_search_file": str(tmp_path / name)}).load_split("search")
+            assert data.source == str(tmp_path / name) and [(e.question, e.answer) for e in data.examples] == SEARCH_ROWS
+
+
+def test_mgsm_search_split_offline_without_a_file_says_how_to_provide_one(monkeypatch):
+    no_network(monkeypatch)
+    with pytest.raises(TaskError) as error:
+        load_task("mgsm_ja").load_split("search")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "no data for task 'mgsm_ja' split 'search'" in message
+    assert "no local file given (set mgsm_search_file=<a .jsonl or .tsv file" in message
+    assert ("hub dataset 'SakanaAI/gsm8k-ja-test_250-1319' is not in the datasets cache and the hub is offline "
+            "(HF_HUB_OFFLINE=1)") in message
+    with pytest.raises(TaskError, match=r"data file .*nowhere\.jsonl does not exist; hub dataset"):
+        load_task("mgsm_ja", {"mgsm_search_file": str(Path("/nowhere.jsonl"))}).load_split("search")
+
+
+def test_mgsm_search_split_from_the_hub_uses_the_task_settings(monkeypatch):
+    import datasets
+
+    asked = []
+
+    def hub(path, name=None, split=None):
+        asked.append((path, name, split))
+        return FakeHubDataset([{"question": q, "answer": f"... #### {a}", "answer_number": int(a)} for q, a in SEARCH_ROWS],
+                              ["question", "answer", "answer_number"])
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    data = load_task("mgsm_ja").load_split("search")
+    assert asked == [MGSM_SEARCH_HUB] and data.source == "hub:SakanaAI/gsm8k-ja-test_250-1319"
+    assert [(e.question, e.answer) for e in data.examples] == SEARCH_ROWS
+
+
+def test_hub_fields_that_the_dataset_lacks_are_named(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, name=None, split=None: FakeHubDataset([{"question": "q", "answer": "1"}],
+                                                                           ["question", "answer"]))
+    with pytest.raises(TaskError, match=r"has no field 'answer_number'; its fields are \['question', 'answer'\]"):
+        load_task("mgsm_ja").load_split("search")
+
+
+def test_a_search_file_sharing_a_question_with_the_test_rows_is_refused(tmp_path):
+    """Overlap is found after NFKC and whitespace normalisation (full-width digits, a trailing space)."""
+    import unicodedata
+
+    test_question = mgsm_test_questions()[7]
+    disguised = test_question.translate(str.maketrans("0123456789", "０１２３４５６７８９")) + " "
+    assert disguised != test_question
+    assert unicodedata.normalize("NFKC", disguised).strip() == unicodedata.normalize("NFKC", test_question)
+    write_jsonl(tmp_path / "search.jsonl", [*SEARCH_ROWS, (disguised, "1")])
+    with pytest.raises(TaskError) as error:
+        load_task("mgsm_ja", {"mgsm_search_file": str(tmp_path / "search.jsonl")}).load_split("search")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"split 'search' ({tmp_path / 'search.jsonl'}) shares 1 question(s) with split 'test'" in message
+    assert "the first at row 3" in message and "must not overlap" in message
+
+
+def test_a_hub_search_set_sharing_a_test_question_is_refused_too(monkeypatch):
+    import datasets
+
+    rows = [{"question": q, "answer_number": a} for q, a in [*SEARCH_ROWS, (mgsm_test_questions()[0], "18")]]
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, name=None, split=None: FakeHubDataset(rows, ["question", "answer_number"]))
+    with pytest.raises(TaskError, match=r"split 'search' \(hub:SakanaAI/gsm8k-ja-test_250-1319\) shares 1 question"):
+        load_task("mgsm_ja").load_split("search")
+
+
+def test_the_test_split_is_read_without_the_search_split(monkeypatch):
+    no_network(monkeypatch)  # the search set is unreachable: the test split does not need it
+    assert len(load_task("mgsm_ja").load_split("test").examples) == 250
+
+
+def test_disjoint_from_must_name_another_split(tmp_path):
+    base = ("name: {name}\nscorer: last_number\nprimary_metric: acc\nprompt: {{template: 'Q: {{question}}'}}\n"
+            "generation: {{max_new_tokens: 4}}\nsplits: {{search: {{local: s.tsv, disjoint_from: {other}}}, "
+            "test: {{local: t.tsv}}}}\n")
+    for name, other in [("typo", "[tset]"), ("itself", "search")]:
+        (tmp_path / f"{name}.yaml").write_text(base.format(name=name, other=other))
+        with pytest.raises(TaskError, match=rf"{name}\.yaml: splits\.search\.disjoint_from names '\w+', not another split"):
+            load_task(name, tasks_dir=tmp_path)
+    (tmp_path / "ok.yaml").write_text(base.format(name="ok", other="test"))
+    assert load_task("ok", tasks_dir=tmp_path).splits["search"].disjoint_from == ("test",)

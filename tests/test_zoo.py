@@ -70,3 +70,19 @@ def test_micro_zoo_builds_loads_and_is_cached(tmp_path):
     assert model.config.model_type == "mistral" and len(tokenizer) == model.config.vocab_size
     stamp = (path / "zoo_report.json").stat().st_mtime_ns
     assert build_zoo(spec, tmp_path) == path and (path / "zoo_report.json").stat().st_mtime_ns == stamp
+
+
+def test_zoo_gates_fail_where_a_skill_or_the_merge_margin_is_missing():
+    from evomerge.zoo.report import GATES, gate_results
+
+    def report(ja_qa=1.0, en_math=0.94, probe=0.74):
+        scores = {"ja_expert": (ja_qa, 0.02), "math_expert": (0.0, en_math)}
+        models = {name: {"toy_ja_qa": {"acc_ja": qa}, "toy_en_math": {"acc": math},
+                         "toy_two_skill": {"score": (qa + math) / 2}} for name, (qa, math) in scores.items()}
+        return {"models": models, "merge_probe": {"tasks": {"toy_two_skill": {"score": probe}}}}
+
+    assert gate_results(report()) == dict.fromkeys(GATES, True)
+    assert [name for name, ok in gate_results(report(ja_qa=0.85)).items() if not ok] == [
+        "ja_expert masters toy_ja_qa (acc_ja >= 0.9)"]
+    assert [name for name, ok in gate_results(report(probe=0.55)).items() if not ok] == [
+        "merge probe >= better expert + 0.10 on toy_two_skill"]

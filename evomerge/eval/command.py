@@ -17,13 +17,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.eval.evaluator import Evaluator, ResultCache, generation_options
-from evomerge.eval.task import TaskError, load_task
+from evomerge.eval.task import CONFIG_VARIABLES, TaskError, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pathmodel import recipe_path_model
 from evomerge.recipe import PSRecipe, load_recipe
 
-TASK_VARIABLES = ("zoo_dir", "mgsm_dir")
+TASK_VARIABLES = ("zoo_dir", *CONFIG_VARIABLES)
 
 
 def eval_command(cfg: DictConfig) -> dict[str, Any]:

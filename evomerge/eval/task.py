@@ -10,7 +10,13 @@ per line) when that file exists, and otherwise from the hub (`datasets.load_data
 a hub dataset, so offline machines and tests never touch the network. Paths may use `${variable}`; a
 task's YAML can give defaults under `variables:`, the caller's mapping overrides them, `${tasks_dir}`
 is always the directory holding the YAML and `${evomerge_data}` the data shipped with evomerge
-(`evomerge/data`, e.g. the MGSM test sets).
+(`evomerge/data`, e.g. the MGSM test sets). A local path that comes out empty (its variable's default is
+"") means no local file was given: the hub dataset is used. `CONFIG_VARIABLES` are the task variables that
+are also top-level settings of the config (`evomerge eval|search mgsm_dir=...`).
+
+A split may name splits it must never share a question with (`disjoint_from: [test]`): its rows are then
+checked against theirs (after Unicode NFKC and whitespace normalisation) each time it is read, so a search
+set that overlaps the test set is refused before anything is scored on it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,8 @@ from evomerge.resources import DATA_DIR, TASKS_DIR
 TASK_FILE_SUFFIXES = (".yaml", ".yml")  # a task name ending in one of these is the path of a task file
 SCORERS = ("last_number", "phrase_first_line")
 SAMPLE_METRICS = ("acc", "acc_ja", "ja_rate")
+# Task variables that are also top-level config settings, passed to every task a command loads (eval, search).
+CONFIG_VARIABLES = ("mgsm_dir", "mgsm_search_file")
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
 _TEMPLATE_FIELD = re.compile(r"\{(question|answer)\}")
 
@@ -91,6 +101,7 @@ class HubSource:
 class SplitSource:
     local: str | None  # may hold ${variables}; resolved when the split is read
     hub: HubSource | None
+    disjoint_from: tuple[str, ...] = ()  # splits that must share no question with this one
 
 
 def _fill_template(template: str, **fields: str) -> str:
@@ -134,22 +145,57 @@ class Task:
         return _fill_template(self.template, question=question)
 
     def load_split(self, split: str) -> SplitData:
-        """The split's rows: the local file if it exists, else the hub dataset, else a TaskError naming both."""
+        """The split's rows: the local file if it exists, else the hub dataset, else a TaskError naming both;
+        then refused if it shares a question with a split it must be disjoint from."""
         source = self._split_source(split)
+        data = self._read_split(split, source)
+        for other in source.disjoint_from:  # read as they are (their own disjoint_from is checked when they are loaded)
+            self._check_disjoint(data, self._read_split(other, self._split_source(other)))
+        return data
+
+    def missing_variables(self, split: str) -> list[str]:
+        """The variables the split's local path uses that are not set (e.g. `zoo_dir` before the zoo is built):
+        its data cannot be read until they are."""
+        local = self._split_source(split).local
+        return [name for name in _VARIABLE.findall(local or "") if name not in self.variables]
+
+    def _read_split(self, split: str, source: SplitSource) -> SplitData:
         where = f"task {self.name!r} split {split!r} ({self.config_path})"
         problems = []
         if source.local is not None:
-            path = Path(_resolve_variables(source.local, self.variables, f"{where}, splits.{split}.local")).resolve()
-            if path.is_file():
-                examples = _read_local_rows(path, numeric_answers=self.scorer == "last_number")
-                return SplitData(split, examples, str(path))
-            problems.append(f"data file {path} does not exist")
+            resolved = _resolve_variables(source.local, self.variables, f"{where}, splits.{split}.local")
+            if not resolved.strip():  # its variable left empty: no local file given
+                names = _VARIABLE.findall(source.local)
+                problems.append("no local file given" + (
+                    f" (set {names[0]}=<a .jsonl or .tsv file of question/answer rows>)" if names else ""))
+            else:
+                path = Path(resolved).expanduser().resolve()
+                if path.is_file():
+                    examples = _read_local_rows(path, numeric_answers=self.scorer == "last_number")
+                    return SplitData(split, examples, str(path))
+                problems.append(f"data file {path} does not exist")
         if source.hub is not None:
+            label = f"hub:{source.hub.path}" + (f"/{source.hub.name}" if source.hub.name else "")
             try:
-                return SplitData(split, _read_hub_rows(source.hub), f"hub:{source.hub.path}/{source.hub.name}")
-            except Exception as error:  # offline, unknown dataset, missing column: report it with the rest
-                problems.append(f"hub dataset {source.hub.path!r} ({source.hub.name}) could not be loaded: {error}")
+                return SplitData(split, _read_hub_rows(source.hub, self.scorer == "last_number"), label)
+            except TaskError as error:  # the dataset loaded but its rows do not fit the task
+                problems.append(str(error))
+            except Exception as error:  # offline, unknown dataset: report it with the rest
+                problems.append(_hub_problem(source.hub, error))
         raise TaskError(f"no data for {where}: " + "; ".join(problems))
+
+    def _check_disjoint(self, data: SplitData, other: SplitData) -> None:
+        """Refuse `data` when one of its questions is also one of `other`'s (search and test must not overlap)."""
+        theirs = {_normalise_question(example.question) for example in other.examples}
+        shared = [index for index, example in enumerate(data.examples, start=1)
+                  if _normalise_question(example.question) in theirs]
+        if shared:
+            first = data.examples[shared[0] - 1].question
+            raise TaskError(
+                f"task {self.name!r}: split {data.split!r} ({data.source}) shares {len(shared)} question(s) with split "
+                f"{other.split!r} ({other.source}), the first at row {shared[0]}: {first[:40]!r}{'...' if len(first) > 40 else ''}; "
+                f"{data.split} and {other.split} must not overlap: remove those rows or give another file"
+            )
 
     def _split_source(self, split: str) -> SplitSource:
         if split not in self.splits:
@@ -356,9 +402,8 @@ def _build_task(
     variables.update({key: str(value) for key, value in caller_variables.items() if value is not None})
     variables = {key: _resolve_variables(value, variables, f"{path} variable {key!r}") for key, value in variables.items()}
 
-    splits = {
-        split: _parse_split_source(split, entry, path) for split, entry in _require(config, "splits", dict, path).items()
-    }
+    split_entries = _require(config, "splits", dict, path)
+    splits = {split: _parse_split_source(split, entry, path, list(split_entries)) for split, entry in split_entries.items()}
     if not splits:
         raise TaskError(f"{path}: 'splits' is empty")
     fewshot_prefix = ""
@@ -379,9 +424,16 @@ def _build_task(
     )
 
 
-def _parse_split_source(split: str, entry: Any, path: Path) -> SplitSource:
-    if not isinstance(entry, dict) or not entry or not set(entry) <= {"local", "hub"}:
-        raise TaskError(f"{path}: splits.{split} must be a mapping with 'local' and/or 'hub'")
+def _parse_split_source(split: str, entry: Any, path: Path, splits: Sequence[str]) -> SplitSource:
+    if not isinstance(entry, dict) or not set(entry) & {"local", "hub"} or not set(entry) <= {"local", "hub", "disjoint_from"}:
+        raise TaskError(f"{path}: splits.{split} must be a mapping with 'local' and/or 'hub' (and optionally 'disjoint_from')")
+    disjoint_from = entry.get("disjoint_from") or []
+    if isinstance(disjoint_from, str):
+        disjoint_from = [disjoint_from]
+    for other in disjoint_from:
+        if other == split or other not in splits:
+            raise TaskError(f"{path}: splits.{split}.disjoint_from names {other!r}, not another split of this task "
+                            f"({sorted(splits)})")
     hub = entry.get("hub")
     hub_source = None
     if hub is not None:
@@ -393,7 +445,7 @@ def _parse_split_source(split: str, entry: Any, path: Path) -> SplitSource:
             question_field=hub.get("question_field", "question"),
             answer_field=hub.get("answer_field", "answer"),
         )
-    return SplitSource(local=entry.get("local"), hub=hub_source)
+    return SplitSource(local=entry.get("local"), hub=hub_source, disjoint_from=tuple(disjoint_from))
 
 
 def _insert_fewshot(template: str, fewshot: Any, variables: Mapping[str, str], path: Path) -> tuple[str, str]:
@@ -470,14 +522,43 @@ def _parse_row(line: str, suffix: str, where: str) -> Example:
     return Example(row["question"], row["answer"].strip())
 
 
-def _read_hub_rows(hub: HubSource) -> tuple[Example, ...]:
+def _read_hub_rows(hub: HubSource, numeric_answers: bool) -> tuple[Example, ...]:
     import datasets  # imported here: only hub-backed splits without a local copy need it
 
     dataset = datasets.load_dataset(hub.path, hub.name, split=hub.split)
-    examples = tuple(Example(str(row[hub.question_field]), str(row[hub.answer_field])) for row in dataset)
+    where = f"hub dataset {hub.path!r}" + (f" ({hub.name})" if hub.name else "") + f" split {hub.split!r}"
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None:  # the field names are task settings that nothing offline can check: name them here
+        for field_name in (hub.question_field, hub.answer_field):
+            if field_name not in columns:
+                raise TaskError(f"{where} has no field {field_name!r}; its fields are {list(columns)} "
+                                "(set question_field / answer_field in the task's hub entry)")
+    examples = tuple(Example(str(row[hub.question_field]), str(row[hub.answer_field]).strip()) for row in dataset)
     if not examples:
-        raise TaskError(f"hub dataset {hub.path} ({hub.name}) split {hub.split!r} is empty")
+        raise TaskError(f"{where} is empty")
+    if numeric_answers:
+        for index, example in enumerate(examples):
+            try:
+                parse_gold_number(example.answer)
+            except ValueError as error:
+                raise TaskError(f"{where} row {index}: {error} (answer_field {hub.answer_field!r})") from None
     return examples
+
+
+def _hub_problem(hub: HubSource, error: BaseException) -> str:
+    """One line for a hub dataset that could not be loaded, saying how to provide it when the hub is offline."""
+    from evomerge.modelio import error_line, hub_offline
+
+    what = f"hub dataset {hub.path!r}" + (f" ({hub.name})" if hub.name else "")
+    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return (f"{what} is not in the datasets cache and the hub is offline (HF_HUB_OFFLINE=1): give a local file, "
+                "or load the task once where the hub is reachable")
+    return f"{what} could not be loaded: {error_line(error)}"
+
+
+def _normalise_question(question: str) -> str:
+    """What two questions must share to count as the same: NFKC (full-width digits, spaces) and whitespace runs."""
+    return " ".join(unicodedata.normalize("NFKC", question).split())
 
 
 def _resolve_variables(text: str, variables: Mapping[str, str], where: str) -> str:

@@ -3,11 +3,21 @@
 `search.kind` picks the search: `ps` (CMA-ES over merge values), `dfs` (NSGA-II over layer paths), or `ps_dfs`
 (EvoLLM's pipeline: the PS search in `<run>/ps`, its winner merged to `<run>/ps/merged` and put first in the
 pool, then the DFS search in `<run>/dfs`). Every stage resumes from its own checkpoint.
+
+Checks run cheapest first, so a bad setting fails in seconds with the pool never touched: the search settings,
+the device and dtype, the executor, each stage's settings that need no model, the task (its search and test
+splits, the objectives as its metrics, the generation settings), then the task's data where it can be read
+before the pool (everything but a zoo still to be built) -- and only then is the pool fetched, built or loaded.
+`config.yaml` and `report.json` record what was resolved at the start: every generation setting of each task
+(task.max_new_tokens null = the task's own), the task variables and the file or hub dataset each split was
+read from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,11 +26,14 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge.eval.evaluator import generation_options
+from evomerge.eval.generate import GenerationSettings
+from evomerge.eval.task import AnyTask, CompositeTask, Task, TaskError, check_objectives, load_task
 from evomerge.merge.stream import merge_to_disk
-from evomerge.pool import Pool, resolve_pool
+from evomerge.pool import Pool, PoolError, check_placement, config_variables, early_variables, resolve_pool
 from evomerge.recipe import PSRecipe
 from evomerge.search import dfs, ps
-from evomerge.search.executor import make_executor
+from evomerge.search.executor import EXECUTOR_KEYS, make_executor
 from evomerge.search.plots import plot_fitness, plot_pareto
 from evomerge.search.run import Budget, SearchError, SearchResult, load_checkpoint, run_search, write_json_atomic
 
@@ -30,6 +43,7 @@ KINDS = ("ps", "dfs", "ps_dfs")
 INTEGER_KEYS = ("seed", "popsize", "generations", "layer_groups", "repeats", "embed_from", "max_evaluations",
                 "max_path_length")
 NUMBER_KEYS = ("sigma0", "max_seconds", "include_probability")
+SPLITS = ("search", "test")  # a search scores candidates on the first and reports on the second
 
 
 def check_numbers(search: dict[str, Any], where: str = "search") -> None:
@@ -73,7 +87,113 @@ def search_settings(cfg: DictConfig, pool: Pool) -> dict:
     }
     if cfg.search.kind == "ps":  # a layer-path search merges nothing
         settings["merge"] = OmegaConf.to_container(cfg.merge, resolve=True)
+    if config_variables(cfg):  # the task data given (mgsm_search_file=...): a resumed run must read the same
+        settings["task_variables"] = config_variables(cfg)
     return settings
+
+
+def search_stages(cfg: DictConfig) -> list[tuple[DictConfig, ModuleType, int]]:
+    """Each stage's config, its module and how many models its pool has (PS+DFS: DFS also gets the PS winner)."""
+    n_models = len(OmegaConf.select(cfg, "pool.models") or [])
+    if cfg.search.kind == "ps":
+        return [(cfg, ps, n_models)]
+    if cfg.search.kind == "dfs":
+        return [(cfg, dfs, n_models)]
+    return [(stage_config(cfg, cfg.search.ps), ps, n_models), (stage_config(cfg, cfg.search.dfs), dfs, n_models + 1)]
+
+
+def check_executor(cfg: DictConfig) -> None:
+    """The executor's settings, as `make_executor` would refuse them, but before any model is loaded."""
+    settings = OmegaConf.select(cfg, "executor")
+    settings = OmegaConf.to_container(settings, resolve=True) if settings is not None else {}
+    kind = settings.pop("kind", "serial")
+    if kind == "serial":
+        return
+    if kind != "ray":
+        raise SearchError(f"executor.kind={kind!r}: use 'serial' or 'ray'")
+    unknown = set(settings) - EXECUTOR_KEYS
+    if unknown:
+        raise SearchError(f"executor=ray has no setting {min(unknown)!r}; known: {sorted(EXECUTOR_KEYS)}")
+    if importlib.util.find_spec("ray") is None:
+        raise SearchError("executor=ray needs Ray: pip install 'evomerge[ray]'")
+    limits = {"workers": (1, True, "need at least one worker"), "max_retries": (0, True, "must be 0 or more"),
+              "num_gpus": (0, False, "must be 0 or more"), "num_cpus": (1e-9, False, "must be positive"),
+              "startup_timeout_s": (1e-9, False, "must be positive (or null)")}
+    for key, (low, integer, what) in limits.items():
+        value = settings.get(key)
+        if key not in settings or (value is None and key == "startup_timeout_s"):  # the executor's default
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise SearchError(f"executor.{key}={value!r}: expected {'an integer' if integer else 'a number'}")
+        if value < low:
+            raise SearchError(f"executor.{key}={value}: {what}")
+
+
+def plain_tasks(task: AnyTask) -> list[Task]:
+    tasks = [component.task for component in task.components] if isinstance(task, CompositeTask) else [task]
+    return list({plain.name: plain for plain in tasks}.values())
+
+
+def generation_record(cfg: DictConfig, task: AnyTask) -> dict[str, dict[str, Any]]:
+    """Per plain task, every setting its generations are made with (as the search's evaluators will use them):
+    greedy decoding, max_new_tokens (the task's own unless task.max_new_tokens is set), stop strings, batching."""
+    options = generation_options(OmegaConf.to_container(cfg.task, resolve=True))
+    record = {}
+    for plain in plain_tasks(task):
+        settings = GenerationSettings(max_new_tokens=options.get("max_new_tokens", plain.max_new_tokens),
+                                      stop_strings=plain.stop_strings,
+                                      **{key: value for key, value in options.items() if key != "max_new_tokens"})
+        record[plain.name] = {"decoding": "greedy", "do_sample": False, "num_beams": 1,
+                              **dataclasses.asdict(settings), "stop_strings": list(settings.stop_strings)}
+    return record
+
+
+def check_task(cfg: DictConfig, variables: dict[str, str], read: dict[str, dict[str, str]] | None = None) -> dict:
+    """The task for every stage: it has a search and a test split, each stage's objectives are its metrics, its
+    generation settings are valid; then each split's data is read where its variables are known (a zoo still to be
+    built has not written its data yet), unless `read` already names its source. Returns what a run records."""
+    task = load_task(cfg.task.name, variables)
+    for plain in plain_tasks(task):
+        missing = [split for split in SPLITS if split not in plain.splits]
+        if missing:
+            raise TaskError(f"task {plain.name!r} has no split {missing[0]!r}, which a search needs (it searches on "
+                            f"'search' and reports on 'test'); its splits are {sorted(plain.splits)} ({plain.config_path})")
+    for stage_cfg, module, _ in search_stages(cfg):
+        check_objectives(stage_cfg.search.objectives, task, extra=dfs.PATH_METRICS if module is dfs else ())
+    record = {"generation": generation_record(cfg, task), "task_variables": dict(variables),
+              "data_sources": {split: {} for split in SPLITS}}
+    for split in SPLITS:
+        for plain in plain_tasks(task):
+            source = (read or {}).get(split, {}).get(plain.name)
+            if source is None and not plain.missing_variables(split):
+                source = plain.load_split(split).source  # reads and checks the rows (and search/test overlap)
+            if source is not None:
+                record["data_sources"][split][plain.name] = source
+    return record
+
+
+def preflight(cfg: DictConfig) -> dict:
+    """Every check that needs no model, before the pool is fetched, built or loaded (see the module's doc)."""
+    check_placement(cfg.device, cfg.dtype)
+    check_executor(cfg)
+    models = [str(model) for model in OmegaConf.select(cfg, "pool.models") or []]
+    if not models:
+        raise PoolError("the pool has no models; set pool.models=[...]")
+    for stage_cfg, module, n_models in search_stages(cfg):
+        if module is ps:
+            ps.check_settings(stage_cfg, str(OmegaConf.select(cfg, "pool.base")), models)
+        else:
+            dfs.check_settings(stage_cfg.search, n_models)
+    return check_task(cfg, early_variables(cfg))
+
+
+def write_config(cfg: DictConfig, run_dir: Path, record: dict) -> None:
+    """The run's config, and below it what was resolved from it at the start (not settings: for the record)."""
+    resolved = OmegaConf.to_yaml(OmegaConf.create({"resolved": record}))
+    (run_dir / "config.yaml").write_text(
+        OmegaConf.to_yaml(cfg, resolve=True)
+        + "# resolved at the start of the run: each task's generation settings, the task variables and where each\n"
+        + "# split's rows were read from (a record, not a setting)\n" + resolved, encoding="utf-8")
 
 
 def stage_config(cfg: DictConfig, search: DictConfig) -> DictConfig:
@@ -145,15 +265,18 @@ def search_command(cfg: DictConfig) -> dict:
         raise SearchError(f"search.kind={cfg.search.kind!r} is not supported; use one of {', '.join(KINDS)}")
     check_numbers(OmegaConf.to_container(cfg.search, resolve=True))
     run_dir = run_directory(cfg)
+    record = preflight(cfg)  # nothing fetched, built or loaded before this passes
     pool = resolve_pool(cfg)
+    record = check_task(cfg, pool.variables, record["data_sources"])  # and the data a zoo wrote as it was built
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_config(cfg, run_dir, record)
     if cfg.search.kind == "ps":
         report = ps_stage(cfg, pool, run_dir)
     elif cfg.search.kind == "dfs":
         report = dfs_stage(cfg, pool, run_dir, "dfs", "DFS (chosen)")
     else:
         report = ps_dfs_pipeline(cfg, pool, run_dir)
+    report.update(record)  # generation, task_variables, data_sources: what every score in it was made with
     write_json_atomic(run_dir / "report.json", report)
     print(ps.format_rows(report))
     print(f"run directory: {run_dir}")

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from evomerge.eval.evaluator import Evaluator, pool_evaluator
 from evomerge.eval.task import check_objectives, load_task
+from evomerge.merge import MergeError
 from evomerge.modelio import load_model
 from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
@@ -76,9 +77,8 @@ def genome_space(cfg: DictConfig, models: Sequence[str], sources: Sequence[PreTr
     )
 
 
-def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
-    """The problem over the pool's models (in order; the PS+DFS pipeline puts the PS winner first)."""
-    search = cfg.search
+def check_settings(search: DictConfig, n_models: int) -> None:
+    """The DFS settings that need no model (checked before the pool is touched, and again here)."""
     if search.repeats < 1:
         raise SearchError(f"search.repeats={search.repeats}: a layer path needs at least one repeat of the blocks")
     if search.popsize < 2:
@@ -88,6 +88,17 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
     minimised = [name for name in search.objectives if name.startswith("-")]
     if search.objectives[0] in minimised:
         raise SearchError(f"search.objectives[0]={search.objectives[0]!r}: the primary objective is maximised")
+    if not 0 <= search.embed_from < n_models:
+        raise SearchError(f"search.embed_from={search.embed_from}: the pool has {n_models} models (0-based)")
+    low, high = search.scale_range
+    if not low <= 1.0 <= high:
+        raise MergeError(f"search.scale_range [{low}, {high}] must contain 1 (a block's input unchanged)")
+
+
+def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
+    """The problem over the pool's models (in order; the PS+DFS pipeline puts the PS winner first)."""
+    search = cfg.search
+    check_settings(search, len(pool.models))
     task = load_task(cfg.task.name, pool.variables)
     check_objectives(search.objectives, task, extra=PATH_METRICS)
     sources = load_sources(cfg, pool.models)

@@ -4,6 +4,7 @@ scored on the task's search split; the winner, the sources and uniform baselines
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -73,15 +74,31 @@ def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
     )
 
 
-def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
-    merger = InMemoryMerger(pool.base, pool.models, device=cfg.device)
-    space = genome_space(cfg, pool, merger.names)
-    task = load_task(cfg.task.name, pool.variables)
-    check_objectives(cfg.search.objectives, task)
-    evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "search")
-    problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
+def check_settings(cfg: DictConfig, base: str, models: Sequence[str]) -> None:
+    """The PS settings that need no model, checked before the pool is touched: search.start, the merge method,
+    its parameters and the search ranges (on placeholder layer groups: how many fit is known once the models are)."""
     if cfg.search.start not in ("center", "merge_defaults"):
         raise SearchError(f"search.start={cfg.search.start!r}: use 'merge_defaults' or 'center'")
+    merge = OmegaConf.to_container(cfg.merge, resolve=True)
+    method = merge.pop("method", None)
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
+    spec = METHODS[method]
+    PSGenomeSpace(method=method, base=base if spec.needs_base else None, models=tuple(models),
+                  groups=("embed", "blocks.0", "head"),
+                  parameters={k: v for k, v in merge.items() if k not in spec.per_model + spec.per_group},
+                  ranges={key: tuple(value) for key, value in OmegaConf.to_container(cfg.search.ranges).items()})
+
+
+def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
+    # the checks that need no model first, then the pool goes into memory
+    task = load_task(cfg.task.name, pool.variables)
+    check_objectives(cfg.search.objectives, task)
+    check_settings(cfg, pool.base, pool.models)
+    merger = InMemoryMerger(pool.base, pool.models, device=cfg.device)
+    space = genome_space(cfg, pool, merger.names)
+    evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "search")
+    problem = PSProblem(space, merger, evaluator, tuple(cfg.search.objectives))
     x0 = None if cfg.search.start == "center" else space.encode(_method_defaults(cfg))
     optimizer = lambda: CMAES(space.dim, seed=cfg.search.seed, sigma0=cfg.search.sigma0,  # noqa: E731
                               popsize=cfg.search.popsize, x0=x0)
