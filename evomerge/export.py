@@ -5,8 +5,11 @@ values become mergekit conditional parameter lists: mergekit applies the first e
 substring of the tensor name, so the filters are derived from the checkpoint's own tensor names (a block's
 name prefix such as ``model.layers.1.``, an embedding's full name) and checked to select exactly their
 group's tensors; the head group, evomerge's catch-all, is the entry without a filter.  Where mergekit
-cannot do what evomerge did (DARE's random masks, row-wise slerp, no Fisher/RegMean), the config is the
-closest one and carries ``# note:`` lines -- and `export` warns -- saying what differs.
+cannot do what evomerge did (DARE's random masks, no Fisher/RegMean, which tied entries a TIES trim keeps in
+half precision), the config is the closest one and carries ``# note:`` lines -- and `export` warns -- saying
+what differs.  Each note was checked against mergekit 0.1.5's code: linear, task arithmetic, TIES (the same
+k = int(density * numel) entries, the same sign election and normalisation) and slerp (whole-tensor norms and
+dot product, the same eps and linear fallback) compute what evomerge computes.
 
 A data-flow (DFS) recipe exports as its YAML and a path-model directory (each used block stored once, plus
 the hops; `evomerge.modelio.load_model` walks it); mergekit has no input-scaled layer paths, so no config.
@@ -176,9 +179,12 @@ def mergekit_notes(recipe: PSRecipe, layout: CheckpointLayout | None = None) -> 
         if recipe.parameters["rescale"] == "dare":
             notes.append("evomerge rescales kept entries by 1/density; mergekit's rescale matches each task "
                          "vector's L1 norm instead (the same in expectation)")
-    if recipe.method == "slerp":
-        notes.append("mergekit's slerp interpolates each row of a matrix on its own great circle; evomerge "
-                     "interpolates each whole tensor")
+    half = sorted(set(layout.float_dtypes) & {"bfloat16", "float16"})
+    if recipe.method == "ties" and half:
+        notes.append(f"TIES trims keep the same number of entries in both tools and the same entries above each "
+                     f"tensor's cut, but mergekit chooses among the entries tied at the cut with an unstable sort "
+                     f"where evomerge keeps the lowest indices; {half[0]} task vectors tie a lot, so the two "
+                     "models can differ in those tied entries (by one trimmed delta each)")
     if recipe.method in _NO_MERGEKIT_TWIN:
         notes.append(f"mergekit has no {recipe.method} merge; this is the normalized weighted average that "
                      "evomerge uses for tensors without statistics, not the statistics-weighted merge")
@@ -255,12 +261,13 @@ def load_run(run_dir: Path) -> tuple[PSRecipe | DFSRecipe, Scores | None]:
     return recipe, Scores(dict(best["metrics"]), caption)
 
 
-def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def export(source: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "cpu") -> Path:
     """Write ``out/recipe.yaml``, ``out/mergekit.yaml`` and the merged model ``out/model/`` from a search run
     directory (its best recipe; the model card gets its test scores) or a recipe YAML file.
 
     Everything is staged next to ``out`` and renamed into place when complete, so a failed export leaves
     ``out`` as it was.  Differences between the mergekit config and evomerge's merge are `ExportWarning`s.
+    ``device``: where the model is merged (tensor by tensor, through host memory).
     """
     source, out = Path(source), Path(out)
     if source.is_dir():
@@ -278,7 +285,7 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False) -> P
         recipe.save(staging / "recipe.yaml")
         if mergekit_text is not None:
             (staging / "mergekit.yaml").write_text(mergekit_text)
-            model = merge_to_disk(recipe, staging / "model")
+            model = merge_to_disk(recipe, staging / "model", device=device)
         else:
             model = export_path_model(recipe, staging / "model")
         if scores is not None:
@@ -316,7 +323,8 @@ def export_command(cfg: DictConfig) -> Path:
         raise ExportError(f"recipe={recipe}: no such file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
-        written = export(run or recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)))
+        written = export(run or recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)),
+                         device=OmegaConf.select(cfg, "device", default=None) or "cpu")
     for warning in caught:
         if issubclass(warning.category, ExportWarning):
             print(f"evomerge export: warning: {warning.message}", file=sys.stderr)

@@ -1,18 +1,22 @@
 """Benchmark evomerge's merge engine against mergekit and a streaming I/O floor.
 
-Builds a base and 3 fine-tunes of a Mistral-shaped ~200M-parameter model in bf16 (random weights) in a
-temporary directory, then times, each in a fresh process pinned to 2 torch threads:
+Builds a base and 3 fine-tunes of a Mistral-shaped model in bf16 (random weights plus small random deltas) in a
+temporary directory -- ~200M parameters each by default, ``--pool mistral-1b`` for ~1B each (base + 3 = 8 GB) --
+then times, each in a fresh process pinned to 2 torch threads (``--threads``):
 
 * evomerge disk->disk TIES, DARE-TIES and task arithmetic (``merge_to_disk``);
 * mergekit on the same configs (``run_merge``, what ``mergekit-yaml`` calls), when mergekit is installed;
 * a floor: read every tensor of the 4 checkpoints, sum, write -- no merge math at all;
-* the in-memory candidate merge (``InMemoryMerger.merge``) for random per-group recipes.
+* the in-memory candidate merge (``InMemoryMerger.merge``) for random per-group recipes, with the process's
+  peak RSS and the bytes it holds per pool parameter (``--memory-only``: just this part).
 
 Times cover the merge call itself (imports and process start excluded, for both tools).  Each evomerge
 process first merges a small warm-up checkpoint set so the one-off ``torch.compile`` of the fused kernels
 (cached on disk by inductor across processes) is reported separately as ``evomerge_warmup_s``.
 Both tools compute in float32 and write bf16 (mergekit: ``dtype: float32``, ``out_dtype: bfloat16``);
-DARE uses L1 rescaling, mergekit's default.  Peak RSS is each process's own high-water mark (VmHWM).
+DARE uses L1 rescaling, mergekit's default.  Peak RSS is each child process's own high-water mark (VmHWM), so
+every number is one run's; the in-memory child also reports its RSS after imports and the warm-up merges
+(``baseline``), so ``peak - baseline`` is what the merger itself holds.
 
 Run under the shared heavy-job lock:  flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_merge.py
 """
@@ -45,8 +49,18 @@ SHAPE = {  # Mistral layout at ~200M parameters
     "num_attention_heads": 16,
     "num_key_value_heads": 4,
 }
+MISTRAL_1B = {  # Mistral layout at ~1.0B parameters (base + 3 fine-tunes: 8 GB in bf16)
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 7168,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+}
+POOLS = {"mistral-200m": SHAPE, "mistral-1b": MISTRAL_1B}
 WARMUP_SHAPE = {**SHAPE, "vocab_size": 9000, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2}
+DELTA_STD = 0.002  # fine-tune noise (weights have std 0.02); bf16 fine-tunes often move by ~1e-4, which ties a lot
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -72,7 +86,7 @@ def mistral_layout(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     return layout + [("model.norm.weight", (hidden,)), ("lm_head.weight", (shape["vocab_size"], hidden))]
 
 
-def build_zoo(root: Path, shape: dict, seed: int) -> dict[str, Path]:
+def build_zoo(root: Path, shape: dict, seed: int, delta_std: float = DELTA_STD) -> dict[str, Path]:
     """A base and 3 fine-tunes (base + small noise), bf16 safetensors in 200 MB shards plus config.json."""
     from transformers import MistralConfig
 
@@ -93,7 +107,7 @@ def build_zoo(root: Path, shape: dict, seed: int) -> dict[str, Path]:
         base = torch.randn(size, generator=generator) * 0.02
         writers["base"].write(tensor, base.to(torch.bfloat16))
         for name in ("ft1", "ft2", "ft3"):
-            writers[name].write(tensor, (base + torch.randn(size, generator=generator) * 0.002).to(torch.bfloat16))
+            writers[name].write(tensor, (base + torch.randn(size, generator=generator) * delta_std).to(torch.bfloat16))
     for writer in writers.values():
         writer.close()
     return paths
@@ -120,12 +134,22 @@ def mergekit_config(method: str, zoo: dict[str, Path]) -> dict:
 # --------------------------------------------------------------------------- child processes
 
 
+def _status_mb(field: str) -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS since exec (VmHWM; ru_maxrss would include the parent's peak before fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    current = _status_mb("VmRSS")
+    return current if current is not None else peak_rss_mb()
 
 
 def child_evomerge(method: str, zoo: dict[str, Path], warmup: dict[str, Path], out: Path) -> dict:
@@ -167,17 +191,30 @@ def child_floor(zoo: dict[str, Path], out: Path) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def child_memory(zoo: dict[str, Path], candidates: int, disk_ties: Path | None) -> dict:
+def child_memory(zoo: dict[str, Path], warmup: dict[str, Path], candidates: int, methods: list[str],
+                 disk_ties: Path | None) -> dict:
     """Prepare an InMemoryMerger once, then time random per-group candidates for each method."""
+    import gc
+
     from evomerge.merge import InMemoryMerger
     from evomerge.merge.groups import group_names
     from evomerge.modelio import CheckpointReader
     from evomerge.recipe import PSRecipe
 
+    small = InMemoryMerger(warmup["base"], [warmup["ft1"], warmup["ft2"], warmup["ft3"]])
+    for method in methods:  # compile the kernels once, on small tensors, before the baseline is taken
+        small.merge(recipe_for(method, warmup))
+    del small
+    gc.collect()
+    baseline = rss_mb()
     models = [zoo["ft1"], zoo["ft2"], zoo["ft3"]]
     start = time.perf_counter()
     merger = InMemoryMerger(zoo["base"], models)
-    result: dict = {"load_s": time.perf_counter() - start, "methods": {}}
+    result: dict = {"load_s": time.perf_counter() - start, "baseline_rss_mb": baseline, "methods": {}}
+    result["pool_mb"] = sum(tensor.nbytes for tensor in merger._base.values()) / 2**20
+    result["pool_mb"] += sum(tensor.nbytes for pool in merger._pool for tensor in pool.values()) / 2**20
+    result["resident_mb"] = sum(tensor.nbytes for tensor in merger._targets.values()) / 2**20
+    result["after_load_rss_mb"] = rss_mb()
     if disk_ties is not None:  # the same recipe must give the disk path's tensors bit for bit
         state = merger.merge(recipe_for("ties", zoo)).state_dict()
         disk = CheckpointReader(disk_ties)
@@ -185,7 +222,7 @@ def child_memory(zoo: dict[str, Path], candidates: int, disk_ties: Path | None) 
     rng = random.Random(0)
     layers = json.loads((zoo["base"] / "config.json").read_text())["num_hidden_layers"]
     groups = group_names(layers, min(5, layers))
-    for method in METHODS:
+    for method in methods:
         parameters = {"rescale": "l1"} if method == "dare_ties" else {}
 
         def candidate():
@@ -199,7 +236,7 @@ def child_memory(zoo: dict[str, Path], candidates: int, disk_ties: Path | None) 
                             groups=tuple(values), parameters=parameters)
 
         start = time.perf_counter()
-        merger.merge(candidate())  # includes one-off preparation (sorting |deltas|, compiling kernels)
+        merger.merge(candidate())  # includes one-off preparation (magnitude tables for TIES)
         first = time.perf_counter() - start
         times = []
         for _ in range(candidates):
@@ -208,12 +245,15 @@ def child_memory(zoo: dict[str, Path], candidates: int, disk_ties: Path | None) 
             merger.merge(recipe)
             times.append(time.perf_counter() - start)
         result["methods"][method] = {"first_s": first, "median_s": statistics.median(times), "runs": times}
+    result["tables_mb"] = sum(table.nbytes for tables in getattr(merger, "_tables", {}).values()
+                              for table in tables) / 2**20
     return result
 
 
 def run_child(arguments: list[str]) -> dict:
     """Run this script in child mode in a fresh process; return its JSON result (with its peak RSS)."""
-    completed = subprocess.run([sys.executable, __file__, "--child", *arguments], stdout=subprocess.PIPE, check=True)
+    command = [sys.executable, __file__, "--threads", str(THREADS), "--child", *arguments]
+    completed = subprocess.run(command, stdout=subprocess.PIPE, check=True)
     return json.loads(completed.stdout.decode().strip().splitlines()[-1])
 
 
@@ -221,8 +261,9 @@ def child_main(arguments: list[str]) -> None:
     torch.set_num_threads(THREADS)
     mode, work = arguments[0], Path(arguments[1])
     if mode == "build":
-        build_zoo(work / "zoo", {**SHAPE, "num_hidden_layers": int(arguments[2])}, seed=0)
-        build_zoo(work / "warmup", WARMUP_SHAPE, seed=1)
+        shape, delta_std = json.loads(arguments[2]), float(arguments[3])
+        build_zoo(work / "zoo", shape, seed=0, delta_std=delta_std)
+        build_zoo(work / "warmup", WARMUP_SHAPE, seed=1, delta_std=delta_std)
         print(json.dumps({}))
         return
     zoo = {name: work / "zoo" / name for name in ("base", "ft1", "ft2", "ft3")}
@@ -235,7 +276,8 @@ def child_main(arguments: list[str]) -> None:
         result = child_floor(zoo, work / "out" / "floor")
     else:
         disk_ties = work / "out" / "evomerge-ties"
-        result = child_memory(zoo, int(arguments[2]), disk_ties if disk_ties.exists() else None)
+        result = child_memory(zoo, warmup, int(arguments[2]), arguments[3].split(","),
+                              disk_ties if disk_ties.exists() else None)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
@@ -249,6 +291,29 @@ def mergekit_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "not available here"
         return False
     return True
+
+
+def memory_lines(result: dict) -> list[str]:
+    memory = result["in_memory"]
+    pool_parameters = 4 * result["parameters"]
+    merger_mb = memory["peak_rss_mb"] - memory["baseline_rss_mb"]
+    lines = [
+        f"In-memory merger (median of {memory['candidates']} random per-group candidates; the first candidate "
+        "includes one-off preparation):",
+        f"  peak RSS {memory['peak_rss_mb']:.0f} MB = {memory['peak_rss_mb'] * 2**20 / pool_parameters:.2f} bytes "
+        f"per pool parameter ({pool_parameters / 1e6:.0f}M: base + 3 models); process baseline after imports and "
+        f"compiling {memory['baseline_rss_mb']:.0f} MB; the merger's own peak {merger_mb:.0f} MB = "
+        f"{merger_mb * 2**20 / pool_parameters:.2f} bytes per pool parameter",
+        f"  pool {memory['pool_mb']:.0f} MB + resident candidate {memory['resident_mb']:.0f} MB "
+        f"(+10%: {1.1 * (memory['pool_mb'] + memory['resident_mb']):.0f} MB); magnitude tables "
+        f"{memory['tables_mb']:.1f} MB; RSS after loading {memory['after_load_rss_mb']:.0f} MB",
+        "",
+        "| method | candidate (s) | first candidate (s) |",
+        "|---|---|---|",
+    ]
+    for method, row in memory["methods"].items():
+        lines.append(f"| {method} | {row['median_s']:.2f} | {row['first_s']:.1f} |")
+    return lines
 
 
 def table(result: dict) -> str:
@@ -266,67 +331,78 @@ def table(result: dict) -> str:
             f"| {method} | {ours:.1f} | {mergekit_text} | {row['floor_s']:.1f} | {speedup} "
             f"| {ours / row['floor_s']:.2f}x | {row['evomerge_rss_mb']:.0f} | {mergekit_rss_text} |"
         )
-    memory = result["in_memory"]
-    lines.append("")
-    lines.append(f"In-memory candidate merge (median of {memory['candidates']}, random per-group recipes; "
-                 f"first candidate includes one-off preparation), peak RSS {memory['peak_rss_mb']:.0f} MB:")
-    lines.append("")
-    lines.append("| method | candidate (s) | first candidate (s) |")
-    lines.append("|---|---|---|")
-    for method, row in memory["methods"].items():
-        lines.append(f"| {method} | {row['median_s']:.2f} | {row['first_s']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join((lines + [""] if result["methods"] else []) + memory_lines(result))
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--workdir", type=Path, help="where to build checkpoints (default: a temporary directory)")
+    parser.add_argument("--pool", choices=sorted(POOLS), default="mistral-200m",
+                        help="model shape: ~200M (default) or ~1B parameters per model")
     parser.add_argument("--candidates", type=int, default=5, help="in-memory candidates timed per method")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to time")
+    parser.add_argument("--delta-std", type=float, default=DELTA_STD,
+                        help="std of the fine-tunes' random deltas (weights have std 0.02)")
+    parser.add_argument("--memory-only", action="store_true", help="only the in-memory merger (no disk merges)")
     parser.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if it is installed")
-    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"],
-                        help="transformer blocks (10 gives ~200M parameters; fewer for a quick smoke run)")
+    parser.add_argument("--layers", type=int, help="transformer blocks (default: the pool's; fewer for a smoke run)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads per child (2: the 2-core reference machine; on a machine shared with "
+                             "other jobs, 1 avoids waiting for a busy core at every parallel region)")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    THREADS = args.threads
     if args.child:
         child_main(args.child)
         return
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
+    methods = args.methods.split(",")
     work = Path(tempfile.mkdtemp(prefix="evomerge-bench-", dir=args.workdir))
     try:
         start = time.perf_counter()
-        shape = {**SHAPE, "num_hidden_layers": args.layers}
-        run_child(["build", str(work), str(args.layers)])  # in a child, so this process stays small
+        shape = dict(POOLS[args.pool])
+        if args.layers is not None:
+            shape["num_hidden_layers"] = args.layers
+        run_child(["build", str(work), json.dumps(shape), str(args.delta_std)])  # in a child: this process stays small
         (work / "out").mkdir()
         parameters = sum(torch.Size(size).numel() for _, size in mistral_layout(shape))
-        log(f"built base + 3 fine-tunes, {parameters / 1e6:.0f}M parameters each, in {time.perf_counter() - start:.0f}s")
-        use_mergekit = not args.no_mergekit and mergekit_available()
-        floor = run_child(["floor", str(work)])
-        log(f"floor: {floor['seconds']:.1f}s")
-        result: dict = {"parameters": parameters, "threads": THREADS, "methods": {}}
-        for method in METHODS:
-            ours = run_child(["evomerge", str(work), method])
-            log(f"evomerge {method}: {ours['seconds']:.1f}s (warm-up {ours['warmup_s']:.1f}s)")
-            theirs = run_child(["mergekit", str(work), method]) if use_mergekit else None
-            if theirs:
-                log(f"mergekit {method}: {theirs['seconds']:.1f}s")
-                shutil.rmtree(work / "out" / f"mergekit-{method}")
-            result["methods"][method] = {
-                "evomerge_s": ours["seconds"],
-                "mergekit_s": theirs["seconds"] if theirs else None,
-                "floor_s": floor["seconds"],
-                "evomerge_rss_mb": ours["peak_rss_mb"],
-                "mergekit_rss_mb": theirs["peak_rss_mb"] if theirs else None,
-                "evomerge_warmup_s": ours["warmup_s"],
-                "floor_rss_mb": floor["peak_rss_mb"],
-            }
-        memory = run_child(["memory", str(work), str(args.candidates)])
+        log(f"built base + 3 fine-tunes, {parameters / 1e6:.0f}M parameters each, "
+            f"in {time.perf_counter() - start:.0f}s")
+        result: dict = {"parameters": parameters, "pool": args.pool, "delta_std": args.delta_std, "threads": THREADS,
+                        "methods": {}}
+        if not args.memory_only:
+            use_mergekit = not args.no_mergekit and mergekit_available()
+            floor = run_child(["floor", str(work)])
+            log(f"floor: {floor['seconds']:.1f}s")
+            for method in methods:
+                ours = run_child(["evomerge", str(work), method])
+                log(f"evomerge {method}: {ours['seconds']:.1f}s (warm-up {ours['warmup_s']:.1f}s)")
+                theirs = run_child(["mergekit", str(work), method]) if use_mergekit else None
+                if theirs:
+                    log(f"mergekit {method}: {theirs['seconds']:.1f}s")
+                    shutil.rmtree(work / "out" / f"mergekit-{method}")
+                result["methods"][method] = {
+                    "evomerge_s": ours["seconds"],
+                    "mergekit_s": theirs["seconds"] if theirs else None,
+                    "floor_s": floor["seconds"],
+                    "evomerge_rss_mb": ours["peak_rss_mb"],
+                    "mergekit_rss_mb": theirs["peak_rss_mb"] if theirs else None,
+                    "evomerge_warmup_s": ours["warmup_s"],
+                    "floor_rss_mb": floor["peak_rss_mb"],
+                }
+        memory = run_child(["memory", str(work), str(args.candidates), ",".join(methods)])
         memory["candidates"] = args.candidates
+        memory["bytes_per_pool_parameter"] = memory["peak_rss_mb"] * 2**20 / (4 * parameters)
+        memory["merger_bytes_per_pool_parameter"] = (
+            (memory["peak_rss_mb"] - memory["baseline_rss_mb"]) * 2**20 / (4 * parameters))
         result["in_memory"] = memory
-        result["in_memory_merge_s"] = memory["methods"]["ties"]["median_s"]
-        print(json.dumps(result, indent=None if args.json else 2) if args.json else table(result))
-        if not args.json:
-            print(f"\nin-memory TIES candidate equals the disk merge bit for bit: {memory.get('ties_equals_disk')}")
+        if "ties" in memory["methods"]:
+            result["in_memory_merge_s"] = memory["methods"]["ties"]["median_s"]
+        print(json.dumps(result) if args.json else table(result))
+        if not args.json and "ties_equals_disk" in memory:
+            print(f"\nin-memory TIES candidate equals the disk merge bit for bit: {memory['ties_equals_disk']}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -64,3 +64,28 @@ def test_same_tensors_as_mergekit(tiny_checkpoints, tmp_path, method):
         expected = theirs.read(name)
         torch.testing.assert_close(ours.read(name), expected, rtol=BF16_RESOLUTION, atol=BF16_RESOLUTION * 1e-2,
                                    msg=lambda message: f"{method} {name}: {message}")
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.8])
+def test_trim_agrees_with_mergekits_except_among_ties(density):
+    """mergekit 0.1.5's `sparsify.magnitude` keeps int(density * numel) entries by an unstable argsort of |delta|.
+    On a bf16 task vector that ties a lot, evomerge's trim keeps the same entries above the cut, none below it,
+    and as many of the tied ones; only which tied ones may differ (evomerge keeps the lowest indices)."""
+    from mergekit.sparsify import magnitude
+
+    from evomerge.merge import methods
+
+    generator = torch.Generator().manual_seed(4)
+    base = (torch.randn(300, 1000, generator=generator) * 0.02).to(torch.bfloat16)
+    tensor = (base.float() + torch.randn(300, 1000, generator=generator) * 1e-4).to(torch.bfloat16)
+    delta = tensor.float() - base.float()
+    theirs = magnitude(delta, density) != 0
+    trim = methods.trim(base, tensor, density)
+    position = torch.arange(delta.numel()).reshape(delta.shape)
+    ours = (delta.abs() > trim.threshold) | ((delta.abs() == trim.threshold) & (position < trim.cut))
+    ours &= delta != 0
+    above, tied = delta.abs() > trim.threshold, delta.abs() == trim.threshold
+    assert torch.equal(ours & above, above) and torch.equal(theirs & above, above)
+    assert not bool((ours | theirs)[~above & ~tied].any())
+    if trim.threshold > 0:
+        assert int((ours & tied).sum()) == int((theirs & tied).sum()) > 0

@@ -56,29 +56,76 @@ def test_ties_with_full_density_keeps_every_entry():
     torch.testing.assert_close(merged, BASE + T([2.5, 5.0, 4.0 / 3.0, -3.0]))
 
 
-def test_ties_accepts_precomputed_thresholds():
+def test_ties_accepts_precomputed_tables():
     tensors = [BASE + delta for delta in DELTAS]
-    thresholds = [2.0, 3.0, 4.0]  # the 2nd largest |delta| of each task vector
+    tables = [methods.magnitude_table(BASE, tensor) for tensor in tensors]
     assert torch.equal(
-        methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3, thresholds=thresholds),
+        methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3, tables=tables),
         methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3),
     )
 
 
-def test_trim_threshold_matches_sorting_on_a_large_tensor(monkeypatch):
-    monkeypatch.setattr(methods, "_compile_enabled", False)  # compiled kernels: test_compiled_kernels_match_eager
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(1_500_000, generator=generator).to(torch.bfloat16)  # large enough for sampled selection
-    tensor = (base.float() + 0.01 * torch.randn(1_500_000, generator=generator)).to(torch.bfloat16)
-    delta = tensor.float() - base.float()
-    ascending = delta.abs().sort().values
-    presorted = methods.sorted_magnitudes(delta)
-    for density in (0.013, 0.3, 0.5, 0.97, 1.0):
-        keep = max(1, int(density * delta.numel()))
-        expected = float(ascending[-keep])
-        assert methods.trim_threshold(base, tensor, density) == expected
-        assert methods.threshold_from_sorted(presorted, density) == expected
+def kept_by(base, tensor, trim):
+    magnitude = (tensor.float() - base.float()).abs().reshape(-1)
+    position = torch.arange(magnitude.numel())
+    return (magnitude > trim.threshold) | ((magnitude == trim.threshold) & (position < trim.cut))
+
+
+def stable_top_k(base, tensor, density):
+    """The trim's definition: a stable descending sort's first k, i.e. the lowest flat indices among ties."""
+    magnitude = (tensor.float() - base.float()).abs().reshape(-1)
+    keep = torch.zeros(magnitude.numel(), dtype=torch.bool)
+    keep[magnitude.argsort(descending=True, stable=True)[: methods.keep_count(magnitude.numel(), density)]] = True
+    return keep
+
+
+def tied_pair(numel, dtype, seed, delta_std=1e-4):
+    """Weights of std 0.02 and a fine-tune's deltas of std 1e-4, both rounded to ``dtype``: in bf16 the deltas
+    are a few ulps, so a fifth or more of the entries share the k-th magnitude at common densities."""
+    generator = torch.Generator().manual_seed(seed)
+    base = (torch.randn(numel, generator=generator) * 0.02).to(dtype)
+    return base, (base.float() + torch.randn(numel, generator=generator) * delta_std).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_trim_keeps_exactly_k_with_the_lowest_indices_among_ties(dtype, monkeypatch):
+    # several chunks and sketch runs per tensor below; sketch rows for a few tied magnitudes, not for others
+    monkeypatch.setattr(methods, "_BITS_CHUNK", 1 << 18)
+    monkeypatch.setattr(methods, "_SKETCH_CHUNK", 4 * methods.TIE_CHUNK)
+    monkeypatch.setattr(methods, "_SKETCH_MIN_TIES", 16)
+    monkeypatch.setattr(methods, "_SKETCH_ROWS", 8)
+    for numel in (1, 7, 1000, 3 * methods.TIE_CHUNK + 11, 1_200_000):
+        base, tensor = tied_pair(numel, dtype, seed=numel)
+        nonzero = (tensor.float() - base.float()).reshape(-1) != 0  # zeros add nothing, whichever are kept
+        table = methods.magnitude_table(base, tensor)
+        for density in (0.013, 0.2, 0.5, 0.9, 1.0):
+            trim = methods.trim(base, tensor, density)
+            assert methods.trim(base, tensor, density, table) == trim
+            kept = kept_by(base, tensor, trim)
+            assert torch.equal(kept & nonzero, stable_top_k(base, tensor, density) & nonzero), (numel, density)
+            if trim.threshold > 0:
+                assert int(kept.sum()) == methods.keep_count(numel, density)
     assert methods.keep_count(10, 0.01) == 1
+
+
+def test_bf16_task_vectors_tie_a_lot():
+    """The case the exact trim is for: keeping |delta| >= the k-th magnitude keeps 37% at density 0.2, 58% at 0.5."""
+    base, tensor = tied_pair(1_000_000, torch.bfloat16, seed=5)
+    magnitude = (tensor.float() - base.float()).abs()
+    for density, over in ((0.2, 1.7), (0.5, 1.1)):
+        trim = methods.trim(base, tensor, density)
+        at_least = int((magnitude >= trim.threshold).sum())
+        assert at_least > over * methods.keep_count(magnitude.numel(), density)
+        assert int(kept_by(base, tensor, trim).sum()) == methods.keep_count(magnitude.numel(), density)
+
+
+def test_magnitude_tables_are_small():
+    base, tensor = tied_pair(1_200_000, torch.bfloat16, seed=1)
+    exact = methods.magnitude_table(base, tensor)
+    assert exact.shift == 0 and exact.nbytes < 0.05 * base.numel()  # vs 2 bytes a parameter for the tensor
+    base, tensor = tied_pair(1_200_000, torch.float32, seed=1)
+    coarse = methods.magnitude_table(base, tensor)
+    assert coarse.shift == 16 and coarse.nbytes <= 8 * 2**15
 
 
 KEYS = [methods.dare_key(3, "t", index) for index in range(3)]
@@ -221,7 +268,8 @@ def test_compiled_kernels_match_eager(monkeypatch):
         "dare_linear": lambda: methods.dare_linear(base, tensors, weights, densities, keys),
         "slerp": lambda: methods.slerp(0.3, tensors[0], tensors[1]),
         "fisher": lambda: methods.fisher(tensors, fishers, weights),
-        "trim_threshold": lambda: torch.tensor(methods.trim_threshold(base, tensors[0], 0.3)),
+        "trim": lambda: torch.tensor([methods.trim(base, tensors[0], 0.3).threshold,
+                                      methods.trim(base, tensors[0], 0.3).cut]),
     }
     compiled = {name: run() for name, run in cases.items()}
     monkeypatch.setattr(methods, "_compile_enabled", False)

@@ -1,7 +1,8 @@
 """Merge engine: pure merge methods, layer groups, a disk->disk merger and an in-memory candidate merger.
 
 The search calls `InMemoryMerger.merge` thousands of times; `merge_to_disk` writes a recipe's final model.
-Both run the same per-tensor math (`methods.merge_tensor`), so a candidate equals its disk twin bit for bit.
+Both run the same per-tensor math (`methods.merge_tensor`) on a chosen device (`device="cuda"`: every tensor
+a method or statistic uses is moved there), so a candidate equals its disk twin bit for bit on the same device.
 Submodules are imported lazily so that `evomerge.recipe` can use `MergeError` without an import cycle.
 """
 

@@ -51,5 +51,6 @@ def merge_command(cfg: DictConfig) -> None:
             OmegaConf.to_container(merge, resolve=True), OmegaConf.select(cfg, "base"), list(models),
             OmegaConf.select(cfg, "groups"),
         )
-    written = merge_to_disk(recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)))
+    written = merge_to_disk(recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)),
+                            device=OmegaConf.select(cfg, "device", default=None) or "cpu")
     print(f"merged recipe {recipe.hash} ({recipe.method}, {len(recipe.models)} models) into {written}")

@@ -1,12 +1,25 @@
 """In-memory candidate merging for the search: prepare once, then each candidate is one pass per tensor
 written straight into a resident model's parameters (no new model, no disk I/O).
 
-Prepared once: every input tensor in its checkpoint dtype (validated like the disk path), the resident
-model, and -- lazily, the first time a TIES recipe needs them -- sorted |task vector| entries per tensor (a
-TIES trim at any density becomes one threshold lookup).  DARE draws are a hash of the entry index, computed
-inside the merge kernel, so they need no storage.  Candidates run
-`methods.merge_tensor` exactly as `merge_to_disk` does, so a candidate's tensors equal the disk result's bit
-for bit when the resident model has the checkpoint dtype (the default).
+Prepared once, all on the merger's device: the resident model (loaded first, while little else is in memory),
+then every input tensor in its checkpoint dtype (validated like the disk path), and -- lazily, the first time
+a recipe needs them -- a `MagnitudeTable` per task-vector tensor for TIES (its distinct magnitudes and their
+counts, on the CPU: a trim at any density becomes a lookup plus, where only some tied entries are kept, a count
+over one run of 2^18 entries) and the Fisher / Gram statistics of data-aware recipes.  DARE draws are a hash
+of the entry index, computed inside the merge kernel, so they need no storage.  Candidates run
+`methods.merge_tensor` exactly as `merge_to_disk` does, so a candidate's tensors equal the disk result's bit for
+bit when the resident model has the checkpoint dtype (the default) and both run on the same device.
+
+Memory (scripts/bench_merge.py, bf16 pools, base + 3 models): the pool in its own dtype (2 bytes a parameter
+per model), one resident candidate (2 bytes a parameter), the magnitude tables (8 bytes per distinct magnitude:
+23-26 MB for 3 x 200M or 3 x 1B task vectors, ~0.01-0.03 byte a pool parameter) and a few MB of per-chunk
+temporaries; no float32 copy of the pool, no sorted magnitudes.  Measured, the merger's own peak (peak RSS
+minus the process's ~0.5 GB of imports and compiled kernels) is 1.07x pool + candidate at 200M parameters a model
+and 1.045x at 1B (2.6-2.7 bytes a pool parameter; the sorted-magnitude merger it replaces took 7.7).
+Base + 3 x 7.24B in bf16: pool 4 x 14.5 GB = 57.9 GB + candidate 14.5 GB = 72.4 GB, + ~1.05x and the 0.5 GB
+process = ~76 GB of host memory for device="cpu".  With device="cuda" the same ~73-74 GB (plus the CUDA context)
+sits on the GPU and the host holds the tables and, while loading, one model (~15-30 GB).  Fisher statistics
+add 4 bytes a parameter per model (float32), RegMean Gram matrices in x in floats per linear layer.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from evomerge.merge import MergeError
-from evomerge.merge.methods import all_finite, merge_tensor, sorted_magnitudes
+from evomerge.merge.methods import MagnitudeTable, all_finite, magnitude_table, merge_tensor
 from evomerge.merge.stream import check_recipe_fits, needed_statistics, open_inputs
 from evomerge.modelio import load_model
 from evomerge.recipe import PSRecipe
@@ -49,28 +62,33 @@ class InMemoryMerger:
     ):
         self.base = None if base is None else str(base)
         self.models = [str(path) for path in models]
+        self.device = torch.device(device)
         inputs = open_inputs(self.base, self.models)
         try:
             self.names = inputs.names
-            stacked = {name: [tensor.to(device) for tensor in inputs.read_checked(name)] for name in self.names}
+            if model is None:  # before the pool: loading briefly needs a second copy of the model
+                model = load_model(inputs.paths[0], dtype=self._reference_dtype(inputs), device=str(self.device))
+            self.model = model
+            stacked = {name: [tensor.to(self.device) for tensor in inputs.read_checked(name)] for name in self.names}
         finally:
             inputs.close()
         offset = 1 if self.base is not None else 0
         self._base = {name: tensors[0] for name, tensors in stacked.items()} if offset else None
         self._pool = [{name: tensors[index + offset] for name, tensors in stacked.items()} for index in range(len(self.models))]
-        self.model = model if model is not None else load_model(inputs.paths[0], dtype=self._reference_dtype(stacked),
-                                                                device=str(device))
         self._targets = self._find_targets()
         self._statistics: dict[tuple, Mapping[str, Sequence[Tensor]]] = {
-            (kind,): values for kind, values in (statistics or {}).items()
+            (kind,): self._on_device(values) for kind, values in (statistics or {}).items()
         }
-        self._sorted: dict[str, list[Tensor]] = {}
+        self._tables: dict[str, list[MagnitudeTable]] = {}
         self._assignments: dict[tuple[str, ...], dict[str, int]] = {}
 
     @staticmethod
-    def _reference_dtype(stacked: Mapping[str, list[Tensor]]) -> torch.dtype:
-        floating = [tensors[0].dtype for tensors in stacked.values() if tensors[0].is_floating_point()]
+    def _reference_dtype(inputs) -> torch.dtype:
+        floating = [entry.dtype for entry in inputs.reference.entries.values() if entry.dtype.is_floating_point]
         return max(set(floating), key=floating.count) if floating else torch.float32
+
+    def _on_device(self, statistics: Mapping[str, Sequence[Tensor]]) -> dict[str, list[Tensor]]:
+        return {name: [value.to(self.device) for value in per_model] for name, per_model in statistics.items()}
 
     def _find_targets(self) -> dict[str, Tensor]:
         """The resident model's tensor for each checkpoint tensor (tied weights share one)."""
@@ -100,12 +118,11 @@ class InMemoryMerger:
             indices.append(matches[0])
         return indices
 
-    def _sorted_magnitudes(self, name: str) -> list[Tensor]:
-        if name not in self._sorted:
+    def _magnitude_tables(self, name: str) -> list[MagnitudeTable]:
+        if name not in self._tables:
             assert self._base is not None
-            base = self._base[name].float()
-            self._sorted[name] = [sorted_magnitudes(pool[name].float() - base) for pool in self._pool]
-        return self._sorted[name]
+            self._tables[name] = [magnitude_table(self._base[name], pool[name]) for pool in self._pool]
+        return self._tables[name]
 
     def _pool_statistics(self, recipe: PSRecipe, indices: Sequence[int]) -> Mapping[str, Sequence[Tensor]] | None:
         kind = recipe.spec.statistics
@@ -115,7 +132,7 @@ class InMemoryMerger:
         key = (kind,) if (kind,) in self._statistics else (kind, options["prompts"], options["max_prompts"])
         if key not in self._statistics:
             pool_recipe = PSRecipe.uniform(recipe.method, None, self.models, parameters=dict(options))
-            self._statistics[key] = needed_statistics(pool_recipe)
+            self._statistics[key] = self._on_device(needed_statistics(pool_recipe, device=self.device) or {})
         pooled = self._statistics[key]
         return {name: [per_model[index] for index in indices] for name, per_model in pooled.items()}
 
@@ -124,7 +141,7 @@ class InMemoryMerger:
         indices = self._pool_indices(recipe)
         for name in self.names:
             if recipe.method == "ties" and self._targets[name].is_floating_point():
-                self._sorted_magnitudes(name)
+                self._magnitude_tables(name)
         self._pool_statistics(recipe, indices)
 
     def merge(self, recipe: PSRecipe) -> PreTrainedModel:
@@ -139,12 +156,12 @@ class InMemoryMerger:
             for name in self.names:
                 tensors = [self._pool[index][name] for index in indices]
                 target = self._targets[name]
-                sorted_values = None
+                tables = None
                 if recipe.method == "ties" and target.is_floating_point():
-                    sorted_values = [self._sorted_magnitudes(name)[index] for index in indices]
+                    tables = [self._magnitude_tables(name)[index] for index in indices]
                 base = self._base[name] if self._base is not None and recipe.base is not None else None
                 merge_tensor(recipe, recipe.groups[assignment[name]], name, base, tensors, out=target,
-                             sorted_magnitudes=sorted_values, statistics=statistics)
+                             magnitude_tables=tables, statistics=statistics)
                 if not all_finite(target):  # e.g. huge weights overflowing: the candidate fails, not the search
                     raise MergeError(f"recipe {recipe.hash}: merged tensor {name!r} has NaN or infinite values")
         return self.model

@@ -1,7 +1,8 @@
 """Merge methods as pure tensor functions, plus the thin per-tensor dispatch both merge paths share.
 
-Every function takes the tensors of one parameter (base and/or one per model), computes in float32 and
-returns the result in the checkpoint dtype (``out``'s dtype when given, written in place).  No I/O, no models.
+Every function takes the tensors of one parameter (base and/or one per model), computes in float32 on their
+device and returns the result in the checkpoint dtype (``out``'s dtype when given, written in place).  No I/O,
+no models.
 
 The element-wise core of each method is a small kernel.  For large tensors it runs through
 ``torch.compile`` so the dozen element-wise steps fuse into one pass over memory -- this is what makes an
@@ -16,10 +17,10 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,12 +61,13 @@ def _output(out: Tensor | None, like: Tensor) -> Tensor:
     return out
 
 
-def _as_vector(values: Sequence[float]) -> Tensor:
-    return torch.tensor(list(values), dtype=torch.float32)
+def _as_vector(values: Sequence[float], device: torch.device) -> Tensor:
+    """Per-model scalars as a float32 vector on the tensors' device (a compiled kernel takes no mixed devices)."""
+    return torch.tensor(list(values), dtype=torch.float32, device=device)
 
 
-def _as_scalar(value: float) -> Tensor:
-    return torch.tensor(value, dtype=torch.float32)
+def _as_scalar(value: float, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -73,9 +75,13 @@ def _as_scalar(value: float) -> Tensor:
 
 
 def _weighted_sum_kernel(out: Tensor, tensors: list[Tensor], weights: Tensor, divisor: Tensor) -> Tensor:
+    # mergekit's rounding: the first product in float32, then one fused multiply-add (torch.addcmul) per further
+    # model.  The fused step runs in float64, where a float32 weight times a bf16/fp16/fp32 value is exact, and
+    # is rounded to float32 once; so on bf16 inputs, whose weighted means often fall on a rounding midpoint,
+    # both tools round the same way.
     total = tensors[0].float() * weights[0]
     for index in range(1, len(tensors)):
-        total = total + tensors[index].float() * weights[index]
+        total = (total.double() + tensors[index].double() * weights[index].double()).float()
     out.copy_(total / divisor)
     return out
 
@@ -115,14 +121,18 @@ def _ties_kernel(
     tensors: list[Tensor],
     weights: Tensor,
     thresholds: Tensor,
+    cuts: Tensor,
     scale: Tensor,
     normalize: bool,
 ) -> Tensor:
     base32 = base.float()
+    position = torch.arange(base.numel(), device=base.device)
     weighted = []
     for index, tensor in enumerate(tensors):
         delta = tensor.float() - base32
-        weighted.append(torch.where(delta.abs() >= thresholds[index], delta * weights[index], 0.0))
+        magnitude = delta.abs()
+        kept = (magnitude > thresholds[index]) | ((magnitude == thresholds[index]) & (position < cuts[index]))
+        weighted.append(torch.where(kept, delta * weights[index], 0.0))
     out.copy_(base32 + _disjoint_mean(weighted, weights, normalize) * scale)
     return out
 
@@ -187,6 +197,22 @@ def _abs_delta_kernel(out: Tensor, base: Tensor, tensor: Tensor) -> Tensor:
     return out
 
 
+def _exact_key_kernel(out: Tensor, base: Tensor, tensor: Tensor, shift: int) -> tuple[Tensor, Tensor]:
+    """|tensor - base| as int32 bit patterns into ``out``; returns which are not exact in the checkpoint dtype
+    (low ``shift`` bits set), and a bincount key: the exact ones' high bits (>> ``shift``), the others one past
+    the last of those.  (With an arange added, torch 2.13's inductor compiled this kernel wrongly: kept out.)"""
+    bits = (tensor.float() - base.float()).abs().view(torch.int32)
+    out.copy_(bits)
+    inexact = (bits & ((1 << shift) - 1)) != 0
+    return inexact, torch.where(inexact, 1 << (31 - shift), bits >> shift)
+
+
+def _tie_count_kernel(base: Tensor, tensor: Tensor, threshold: Tensor) -> Tensor:
+    """Per run of TIE_CHUNK entries, how many have |tensor - base| == threshold (numel a multiple of TIE_CHUNK)."""
+    equal = (tensor.float() - base.float()).abs() == threshold
+    return equal.view(-1, TIE_CHUNK).sum(1)
+
+
 def _all_finite_kernel(tensor: Tensor) -> Tensor:
     return torch.isfinite(tensor).all()
 
@@ -212,9 +238,10 @@ def _blend_kernel(out: Tensor, first: Tensor, second: Tensor, coefficients: Tens
 # --------------------------------------------------------------------------- methods
 
 
-def _weight_divisor(weights: Sequence[float], normalize: bool) -> Tensor:
-    total = sum(weights)
-    return _as_scalar(total if normalize and abs(total) >= 1e-8 else 1.0)
+def _weight_divisor(weights: Sequence[float], normalize: bool, device: torch.device) -> Tensor:
+    """sum(weights) summed in float32 (as mergekit does), or 1 without ``normalize`` or when it is ~0."""
+    total = _as_vector(weights, device).sum()
+    return total if normalize and abs(float(total)) >= 1e-8 else _as_scalar(1.0, device)
 
 
 def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True, out: Tensor | None = None) -> Tensor:
@@ -225,8 +252,8 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bo
         out.numel(),
         _flat(out),
         [_flat(tensor) for tensor in tensors],
-        _as_vector(weights),
-        _weight_divisor(weights, normalize),
+        _as_vector(weights, out.device),
+        _weight_divisor(weights, normalize, out.device),
     )
     return out
 
@@ -248,16 +275,82 @@ def task_arithmetic(
         _flat(out),
         _flat(base),
         [_flat(tensor) for tensor in tensors],
-        _as_vector(weights),
-        _weight_divisor(weights, normalize),
-        _as_scalar(scale),
+        _as_vector(weights, out.device),
+        _weight_divisor(weights, normalize, out.device),
+        _as_scalar(scale, out.device),
     )
     return out
 
 
+# --------------------------------------------------------------------------- TIES trim: exactly k entries
+#
+# A top-``density`` trim keeps exactly k = keep_count(numel, density) entries of a task vector: every entry whose
+# |delta| is above t, the k-th largest |delta|, and of the entries equal to t the first ones in flat (row-major)
+# order until k are kept: what a stable descending sort keeps, torch.argsort(|delta|, descending=True,
+# stable=True)[:k].  mergekit 0.1.5's `sparsify.magnitude` sorts the same way but not stably, so it keeps the same
+# number of entries and the same entries above t, and its sort's own choice among the ties (std::sort's on the
+# CPU; scripts/gpu_check.py reports how often CUDA's agrees with ours).  Ties are common in half precision: a
+# bf16 fine-tune's deltas are multiples of a few ulps.
+#
+# Nothing is sorted.  Non-negative floats order like their int32 bit patterns, so a task vector's distinct
+# magnitudes are found by counting bit patterns (`MagnitudeTable`, one bincount plus a unique() of the few
+# entries that are not exact in the checkpoint dtype); the k-th largest is then a lookup in the running counts.
+# Where only some ties are kept, the flat position of the last one kept is found by counting them in one run of
+# `_SKETCH_CHUNK` entries, picked with the table's sketch (the most tied magnitudes' counts per run), or for
+# other magnitudes run by run from the nearer end of the tensor.
+
+TIE_CHUNK = 1 << 14
+_SKETCH_CHUNK = 1 << 18  # a multiple of TIE_CHUNK that divides _BITS_CHUNK
+_BITS_CHUNK = 1 << 21
+_TABLE_MIN_CAP = 1 << 14
+_SKETCH_MIN_TIES = 1 << 12  # magnitudes shared by this many entries get a sketch row ...
+_SKETCH_ROWS = 1 << 10  # ... the most shared ones, at most: numel / 64 bytes
+_COARSE_SHIFT = 16  # a coarse table counts the top 16 bits of the float32 magnitude: 2^15 buckets
+
+
 def keep_count(numel: int, density: float) -> int:
-    """How many entries a top-``density`` trim keeps: at least one, as in mergekit."""
+    """How many entries a top-``density`` trim keeps: int(density * numel), at least one (mergekit's rule)."""
     return max(1, int(density * numel))
+
+
+@dataclass(frozen=True)
+class Trim:
+    """The entries a trim keeps: |delta| > ``threshold``, and |delta| == ``threshold`` at flat index < ``cut``.
+    (When the threshold is 0 every zero entry is kept: a zero adds nothing to a merge, and no pass is needed.)"""
+
+    threshold: float
+    cut: int
+
+
+@dataclass(frozen=True)
+class MagnitudeTable:
+    """A task vector's |delta| values, largest first, with running counts, so a trim at any density is a lookup.
+
+    ``keys`` are int32 bit patterns of float32 magnitudes shifted right by ``shift``: 0 when the table lists
+    every distinct magnitude (half-precision checkpoints), else a coarse table of buckets (the top 16 bits,
+    e.g. float32 checkpoints) whose trims refine their bucket with one pass.  ``through[i]``: how many entries
+    have a key >= ``keys[i]`` (int32: a tensor has fewer than 2^31 entries).  Kept on the CPU: 8 bytes per
+    distinct value or bucket; an exact table has at most max(16384, numel / 64) of them.
+    """
+
+    keys: Tensor
+    through: Tensor
+    shift: int
+    sketch_keys: Tensor | None = None  # the most tied magnitudes' bit patterns, ascending
+    sketch: Tensor | None = None  # and how many of each lie in each run of _SKETCH_CHUNK entries (int32)
+
+    @property
+    def nbytes(self) -> int:
+        sketch = 0 if self.sketch is None else self.sketch_keys.nbytes + self.sketch.nbytes
+        return self.keys.nbytes + self.through.nbytes + sketch
+
+    def sketch_row(self, key: int) -> Tensor | None:
+        """Per `_SKETCH_CHUNK` entries, how many have the magnitude with bit pattern ``key`` (None if not kept)."""
+        if self.sketch_keys is None:
+            return None
+        index = int(torch.searchsorted(self.sketch_keys, key))
+        found = index < self.sketch_keys.numel() and int(self.sketch_keys[index]) == key
+        return self.sketch[index] if found else None
 
 
 _scratch_buffers: dict[torch.device, Tensor] = {}
@@ -267,36 +360,181 @@ def _scratch(numel: int, device: torch.device) -> Tensor:
     """A reused float32 buffer per device: a fresh multi-MB allocation per tensor and model costs page faults."""
     buffer = _scratch_buffers.get(device)
     if buffer is None or buffer.numel() < numel:
+        _scratch_buffers.pop(device, None)
         buffer = _scratch_buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buffer[:numel]
 
 
-def trim_threshold(base: Tensor, tensor: Tensor, density: float) -> float:
-    """Smallest |tensor - base| a top-``density`` trim keeps (the exact k-th largest magnitude), so the trim
-    is one comparison, |delta| >= threshold.
+def _magnitude_bits(base: Tensor, tensor: Tensor) -> Iterator[Tensor]:
+    """|tensor - base| as int32 bit patterns, `_BITS_CHUNK` entries at a time (each valid until the next), so
+    counting never holds more than a few MB of temporaries, whatever the tensor's size."""
+    base, tensor = _flat(base), _flat(tensor)
+    for start in range(0, base.numel(), _BITS_CHUNK):
+        stop = min(start + _BITS_CHUNK, base.numel())
+        magnitudes = _run_kernel(_abs_delta_kernel, stop - start, _scratch(stop - start, base.device),
+                                 base[start:stop], tensor[start:stop])
+        yield magnitudes.view(torch.int32)
 
-    For big tensors a sorted random sample brackets the answer; numpy counts the entries below the bracket
-    and cuts out the ~2% inside it, where ``np.partition`` finds the exact value (~10x faster than
-    ``torch.kthvalue`` on the whole tensor).
-    """
+
+def _table(keys: Tensor, counts: Tensor, shift: int, sketch_keys: Tensor | None = None,
+           sketch: Tensor | None = None) -> MagnitudeTable:
+    order = torch.argsort(keys, descending=True)
+    if sketch is not None:
+        sketch_keys, sketch = sketch_keys.to("cpu", torch.int32), sketch.to("cpu", torch.int32)
+    return MagnitudeTable(keys[order].to("cpu", torch.int32), counts[order].cumsum(0).to("cpu", torch.int32), shift,
+                          sketch_keys, sketch)
+
+
+_offsets: dict[tuple[int, int, int, torch.device], Tensor] = {}
+
+
+def _run_offsets(stride: int, device: torch.device) -> Tensor:
+    """(i // _SKETCH_CHUNK) * stride for the entries i of a `_BITS_CHUNK` (int32, cached)."""
+    key = (stride, _BITS_CHUNK, _SKETCH_CHUNK, device)
+    if key not in _offsets:
+        runs = torch.arange(_BITS_CHUNK, dtype=torch.int32, device=device) // _SKETCH_CHUNK
+        _offsets[key] = runs * stride
+    return _offsets[key]
+
+
+def _exact_table(base: Tensor, tensor: Tensor, shift: int) -> MagnitudeTable | None:
+    """Every distinct magnitude, where few: one bincount of those exact in the checkpoint dtype (their low
+    ``shift`` bits are zero) plus a unique() of the rest; None when the rest or the table would be large.
+    The same bincount counts the most tied magnitudes per `_SKETCH_CHUNK` entries: the table's sketch."""
+    numel, bins = base.numel(), 1 << (31 - shift)
+    per_chunk, rest, rest_count = [], [], 0
+    base, tensor = _flat(base), _flat(tensor)
+    for start in range(0, numel, _BITS_CHUNK):
+        stop = min(start + _BITS_CHUNK, numel)
+        bits = _scratch(stop - start, base.device).view(torch.int32)
+        inexact, keys = _run_kernel(_exact_key_kernel, stop - start, bits, base[start:stop], tensor[start:stop], shift)
+        chunks = -(-(stop - start) // _SKETCH_CHUNK)  # count per run of _SKETCH_CHUNK entries: one bincount
+        keys += _run_offsets(bins + 1, base.device)[: stop - start]
+        per_chunk.append(torch.bincount(keys, minlength=chunks * (bins + 1)).view(chunks, bins + 1)[:, :bins].int())
+        rest.append(bits[inexact])
+        rest_count += rest[-1].numel()
+        if rest_count > numel // 8:
+            return None
+    values, value_counts = torch.unique(torch.cat(rest), return_counts=True)
+    per_chunk = torch.cat(per_chunk)
+    counts = per_chunk.sum(0, dtype=torch.int64)
+    present = counts.nonzero().squeeze(1)
+    if present.numel() + values.numel() > max(_TABLE_MIN_CAP, numel // 64):  # at most 1/8 byte per entry
+        return None
+    sketch_keys = sketch = None
+    if per_chunk.shape[0] > 1:
+        heavy = (counts >= _SKETCH_MIN_TIES).nonzero().squeeze(1)
+        if heavy.numel() > _SKETCH_ROWS:
+            heavy = heavy[counts[heavy].topk(_SKETCH_ROWS).indices].sort().values
+        sketch_keys, sketch = heavy.int() << shift, per_chunk[:, heavy].T.contiguous()
+    keys = torch.cat([present.int() << shift, values])
+    return _table(keys, torch.cat([counts[present], value_counts]), 0, sketch_keys, sketch)
+
+
+def magnitude_table(base: Tensor, tensor: Tensor) -> MagnitudeTable:
+    """The `MagnitudeTable` of ``tensor - base``: exact when the distinct magnitudes are few, else coarse."""
+    if base.numel() == 0:
+        return MagnitudeTable(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), 0)
+    mantissa = max(round(-math.log2(torch.finfo(dtype).eps)) for dtype in (base.dtype, tensor.dtype))
+    shift = 23 - mantissa  # low float32 bits that are zero when |delta| is exact in the checkpoint dtype
+    table = _exact_table(base, tensor, shift) if shift >= 13 else None  # bf16 (16) or fp16 (13)
+    if table is not None:
+        return table
+    counts = torch.zeros(1 << (31 - _COARSE_SHIFT), dtype=torch.int64, device=base.device)
+    for bits in _magnitude_bits(base, tensor):
+        counts += torch.bincount(bits >> _COARSE_SHIFT, minlength=counts.numel())
+    present = counts.nonzero().squeeze(1)
+    return _table(present, counts[present], _COARSE_SHIFT)
+
+
+def _float_of_bits(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+
+
+def _tie_mask(base: Tensor, tensor: Tensor, threshold: Tensor) -> Tensor:
+    return (tensor.float() - base.float()).abs() == threshold
+
+
+def _tie_counts(base: Tensor, tensor: Tensor, threshold: Tensor) -> Tensor:
+    """How many entries of each run of TIE_CHUNK have |tensor - base| == threshold (flat inputs)."""
     numel = base.numel()
-    if numel == 0:
-        return 0.0
-    magnitudes = _run_kernel(_abs_delta_kernel, numel, _scratch(numel, base.device), _flat(base), _flat(tensor))
-    magnitudes = magnitudes.cpu().numpy()  # the selection runs in numpy (on the CPU this is the buffer itself)
-    rank = numel - keep_count(numel, density)  # 0-based position in ascending order
-    sample_size = 1 << 16
-    if numel > 4 * sample_size:
-        generator = torch.Generator().manual_seed(numel)
-        sample = np.sort(magnitudes[torch.randint(numel, (sample_size,), generator=generator).numpy()])
-        fraction = rank / numel
-        low = sample[max(0, math.floor((fraction - 0.01) * sample_size))]
-        high = sample[min(sample_size - 1, math.ceil((fraction + 0.01) * sample_size))]
-        below = int(np.count_nonzero(magnitudes < low))
-        window = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
-        if 0 <= rank - below < window.size:
-            return float(np.partition(window, rank - below)[rank - below])
-    return float(np.partition(magnitudes, rank)[rank])
+    whole = numel - numel % TIE_CHUNK
+    counts = []
+    if whole:
+        counts.append(_run_kernel(_tie_count_kernel, whole, base[:whole], tensor[:whole], threshold))
+    if whole < numel:
+        counts.append(_tie_mask(base[whole:], tensor[whole:], threshold).sum().reshape(1))
+    return torch.cat(counts)
+
+
+def _find_tie(base: Tensor, tensor: Tensor, value: Tensor, start: int, stop: int, wanted: int,
+              backward: bool = False) -> tuple[int, int]:
+    """The flat index of the ``wanted``-th tied entry (|tensor - base| == value) in [start, stop), counted from
+    ``start`` or, ``backward``, from ``stop`` (-1 if the range has fewer), and how many the range has."""
+    counts = _tie_counts(base[start:stop], tensor[start:stop], value)
+    found = int(counts.sum())
+    if found < wanted:
+        return -1, found
+    running = (counts.flip(0) if backward else counts).cumsum(0)
+    chunk = int(torch.searchsorted(running, wanted))
+    wanted -= int(running[chunk - 1]) if chunk else 0
+    first = start + (counts.numel() - 1 - chunk if backward else chunk) * TIE_CHUNK
+    positions = _tie_mask(base[first:min(first + TIE_CHUNK, stop)], tensor[first:min(first + TIE_CHUNK, stop)],
+                          value).nonzero()
+    return first + int(positions[-wanted if backward else wanted - 1]), found
+
+
+def _tie_cut(base: Tensor, tensor: Tensor, threshold: float, rank: int, ties: int, sketch: Tensor | None) -> int:
+    """One past the flat index of the ``rank``-th of the ``ties`` entries with |tensor - base| == ``threshold``.
+
+    With the value's ``sketch`` row (its count per `_SKETCH_CHUNK` entries) one chunk is read; without, the
+    tensor is counted segment by segment from the nearer end (a quarter of it on average)."""
+    base, tensor = _flat(base), _flat(tensor)
+    numel = base.numel()
+    value = _as_scalar(threshold, base.device)
+    if sketch is not None:
+        running = sketch.cumsum(0)
+        chunk = int(torch.searchsorted(running, rank))
+        start = chunk * _SKETCH_CHUNK
+        index, _ = _find_tie(base, tensor, value, start, min(start + _SKETCH_CHUNK, numel),
+                             rank - (int(running[chunk - 1]) if chunk else 0))
+        return index + 1
+    backward = 2 * rank > ties + 1
+    wanted = ties - rank + 1 if backward else rank  # the wanted tie's number, counted from where the scan starts
+    starts = range(0, numel, _SKETCH_CHUNK)
+    for start in reversed(starts) if backward else starts:
+        index, found = _find_tie(base, tensor, value, start, min(start + _SKETCH_CHUNK, numel), wanted, backward)
+        if index >= 0:
+            return index + 1
+        wanted -= found
+    raise AssertionError("fewer tied entries than counted")  # pragma: no cover - the table counted them
+
+
+def trim(base: Tensor, tensor: Tensor, density: float, table: MagnitudeTable | None = None) -> Trim:
+    """The top-``density`` trim of ``tensor - base`` (see the section comment); ``table`` (from
+    `magnitude_table` on the same tensors) skips counting the magnitudes."""
+    numel = base.numel()
+    k = keep_count(numel, density)
+    if k >= numel:
+        return Trim(0.0, numel)
+    if table is None:
+        table = magnitude_table(base, tensor)
+    index = int(torch.searchsorted(table.through, k))  # the first key with k or more entries at or above it
+    above = int(table.through[index - 1]) if index else 0
+    key = int(table.keys[index])
+    if table.shift:  # a bucket: find the exact k-th largest among its entries
+        inside = torch.cat([bits[(bits >> table.shift) == key] for bits in _magnitude_bits(base, tensor)])
+        inside = inside.sort(descending=True).values
+        key = int(inside[k - above - 1])
+        above += int((inside > key).sum())
+        ties = int((inside == key).sum())
+    else:
+        ties = int(table.through[index]) - above
+    threshold = _float_of_bits(key)
+    rank = k - above  # how many of the tied entries are kept, 1..ties
+    if rank == ties or threshold == 0.0:
+        return Trim(threshold, numel)
+    return Trim(threshold, _tie_cut(base, tensor, threshold, rank, ties, table.sketch_row(key)))
 
 
 def all_finite(tensor: Tensor) -> bool:
@@ -304,19 +542,6 @@ def all_finite(tensor: Tensor) -> bool:
     if not tensor.is_floating_point():
         return True
     return bool(_run_kernel(_all_finite_kernel, tensor.numel(), _flat(tensor)))
-
-
-def sorted_magnitudes(delta: Tensor) -> Tensor:
-    """|delta| sorted ascending, prepared once so `threshold_from_sorted` trims at any density for free."""
-    return torch.from_numpy(_flat(delta).float().abs().cpu().numpy().copy()).sort().values  # kept on the CPU
-
-
-def threshold_from_sorted(sorted_values: Tensor, density: float) -> float:
-    """Same value as `trim_threshold` on the unsorted task vector, by indexing."""
-    numel = sorted_values.numel()
-    if numel == 0:
-        return 0.0
-    return float(sorted_values[numel - keep_count(numel, density)])
 
 
 def ties(
@@ -327,16 +552,14 @@ def ties(
     *,
     scale: float = 1.0,
     normalize: bool = True,
-    thresholds: Sequence[float] | None = None,
+    tables: Sequence[MagnitudeTable | None] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """TIES: trim each task vector to its top-``density`` magnitudes, weight it, elect a sign per element by
-    summed mass, and average (``normalize``: divide by the summed weights of) the entries that agree.
-
-    ``thresholds`` (from `threshold_from_sorted`) skips the trim's selection step; the result is the same.
-    """
-    if thresholds is None:
-        thresholds = [trim_threshold(base, tensor, density) for tensor, density in zip(tensors, densities)]
+    """TIES: trim each task vector to exactly its top-``density`` entries by magnitude (`trim`), weight it,
+    elect a sign per element by summed mass, and average (``normalize``: divide by the summed weights of) the
+    entries that agree.  ``tables`` (one `magnitude_table` per model) only saves work: the result is the same."""
+    tables = tables or [None] * len(tensors)
+    trims = [trim(base, tensor, density, table) for tensor, density, table in zip(tensors, densities, tables)]
     out = _output(out, base)
     _run_kernel(
         _ties_kernel,
@@ -344,9 +567,10 @@ def ties(
         _flat(out),
         _flat(base),
         [_flat(tensor) for tensor in tensors],
-        _as_vector(weights),
-        _as_vector(thresholds),
-        _as_scalar(scale),
+        _as_vector(weights, out.device),
+        _as_vector([kept.threshold for kept in trims], out.device),
+        torch.tensor([kept.cut for kept in trims], dtype=torch.int64, device=out.device),
+        _as_scalar(scale, out.device),
         normalize,
     )
     return out
@@ -373,9 +597,9 @@ def _dare_rescales(
     factors = []
     for index, (tensor, density) in enumerate(zip(tensors, densities)):
         before, after = _run_kernel(
-            _dare_l1_kernel, base.numel(), _flat(base), _flat(tensor), keys[index], _as_scalar(density)
+            _dare_l1_kernel, base.numel(), _flat(base), _flat(tensor), keys[index], _as_scalar(density, base.device)
         ).tolist()
-        factors.append(before / after if before > 1e-7 and after > 1e-7 else 1.0)
+        factors.append(before / after if before >= 1e-7 and after >= 1e-7 else 1.0)  # mergekit's eps test
     return factors
 
 
@@ -401,11 +625,11 @@ def _dare(
         _flat(base),
         [_flat(tensor) for tensor in tensors],
         key_table,
-        _as_vector(weights),
-        _as_vector(densities),
-        _as_vector(_dare_rescales(base, tensors, key_table, densities, rescale)),
-        _weight_divisor(weights, normalize),
-        _as_scalar(scale),
+        _as_vector(weights, out.device),
+        _as_vector(densities, out.device),
+        _as_vector(_dare_rescales(base, tensors, key_table, densities, rescale), out.device),
+        _weight_divisor(weights, normalize, out.device),
+        _as_scalar(scale, out.device),
         consensus,
         normalize,
     )
@@ -447,24 +671,28 @@ def dare_linear(
                  normalize=normalize, rescale=rescale, out=out)
 
 
-def slerp(t: float, first: Tensor, second: Tensor, *, out: Tensor | None = None, dot_threshold: float = 0.9995) -> Tensor:
+def slerp(t: float, first: Tensor, second: Tensor, *, out: Tensor | None = None, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> Tensor:
     """Spherical interpolation from ``first`` (t=0) to ``second`` (t=1) along the great circle through the
-    directions of the two whole tensors; nearly (anti)parallel tensors fall back to linear interpolation."""
-    a = _flat(first).float()
-    b = _flat(second).float()
-    norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-    norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
-    if norm_a < 1e-8 or norm_b < 1e-8:
+    directions of the two whole tensors; nearly (anti)parallel tensors fall back to linear interpolation.
+    As in mergekit, a norm at or below ``eps`` counts as 1 (a zero tensor is taken as orthogonal to the other).
+    Norms and dot product are summed in float64, `_BITS_CHUNK` entries at a time (no full-size copies)."""
+    a, b = _flat(first), _flat(second)
+    sums = torch.zeros(3, dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), _BITS_CHUNK):
+        x, y = a[start:start + _BITS_CHUNK].double(), b[start:start + _BITS_CHUNK].double()
+        sums += torch.stack([x.dot(x), y.dot(y), x.dot(y)])
+    squares_a, squares_b, dot = sums.tolist()
+    norm_a = math.sqrt(squares_a) if math.sqrt(squares_a) > eps else 1.0
+    norm_b = math.sqrt(squares_b) if math.sqrt(squares_b) > eps else 1.0
+    cosine = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+    if abs(cosine) > dot_threshold:
         coefficients = (1.0 - t, t)
     else:
-        cosine = min(1.0, max(-1.0, float(torch.dot(a.double(), b.double())) / (norm_a * norm_b)))
-        if abs(cosine) > dot_threshold:
-            coefficients = (1.0 - t, t)
-        else:
-            angle = math.acos(cosine)
-            coefficients = (math.sin((1.0 - t) * angle) / math.sin(angle), math.sin(t * angle) / math.sin(angle))
+        angle = math.acos(cosine)
+        coefficients = (math.sin((1.0 - t) * angle) / math.sin(angle), math.sin(t * angle) / math.sin(angle))
     out = _output(out, first)
-    _run_kernel(_blend_kernel, out.numel(), _flat(out), a, b, _as_vector(coefficients))
+    _run_kernel(_blend_kernel, out.numel(), _flat(out), a, b, _as_vector(coefficients, out.device))
     return out
 
 
@@ -477,16 +705,17 @@ def fisher(
     out: Tensor | None = None,
 ) -> Tensor:
     """Fisher-weighted average sum(w_i F_i theta_i) / sum(w_i F_i) with diagonal Fishers F_i floored at
-    ``floor`` so entries no prompt touched fall back to the weighted average."""
+    ``floor`` so entries no prompt touched fall back to the weighted average.  Fishers on another device
+    are copied to the tensors' one."""
     out = _output(out, tensors[0])
     _run_kernel(
         _fisher_kernel,
         out.numel(),
         _flat(out),
         [_flat(tensor) for tensor in tensors],
-        [_flat(values) for values in fishers],
-        _as_vector(weights),
-        _as_scalar(floor),
+        [_flat(values.to(out.device)) for values in fishers],
+        _as_vector(weights, out.device),
+        _as_scalar(floor, out.device),
     )
     return out
 
@@ -507,17 +736,21 @@ def regmean(
 ) -> Tensor:
     """RegMean for one linear layer (weight ``out x in``, Gram ``in x in`` of its inputs):
     W = (sum w_i W_i G_i)(sum w_i G_i)^-1 with each G_i's off-diagonal shrunk by ``alpha``; this W minimises
-    sum_i w_i ||X_i W^T - X_i W_i^T||^2 plus the shrink's ridge."""
-    lhs = torch.zeros_like(grams[0], dtype=torch.float64)
-    rhs = torch.zeros((grams[0].shape[0], tensors[0].shape[0]), dtype=torch.float64)
+    sum_i w_i ||X_i W^T - X_i W_i^T||^2 plus the shrink's ridge.  Solved in float64 on the tensors' device."""
+    device = tensors[0].device
+    lhs = torch.zeros(grams[0].shape, dtype=torch.float64, device=device)
+    rhs = torch.zeros((grams[0].shape[0], tensors[0].shape[0]), dtype=torch.float64, device=device)
     for tensor, gram, weight in zip(tensors, grams, weights):
-        shrunk = shrink_gram(gram, alpha).double() * weight
+        shrunk = shrink_gram(gram.to(device), alpha).double() * weight
         lhs += shrunk
         rhs += shrunk @ tensor.double().T
     try:
         solution = torch.linalg.solve(lhs, rhs)
-    except torch.linalg.LinAlgError:  # inputs never reached some features: least squares picks the minimum norm
-        solution = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+    except torch.linalg.LinAlgError:  # inputs never reached some features: take the minimum-norm solution
+        if device.type == "cpu":
+            solution = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+        else:  # CUDA's lstsq has no rank-revealing driver
+            solution = torch.linalg.pinv(lhs, hermitian=True) @ rhs
     out = _output(out, tensors[0])
     out.copy_(solution.T)
     return out
@@ -534,14 +767,14 @@ def merge_tensor(
     tensors: Sequence[Tensor],
     *,
     out: Tensor | None = None,
-    sorted_magnitudes: Sequence[Tensor] | None = None,
+    magnitude_tables: Sequence[MagnitudeTable] | None = None,
     statistics: Mapping[str, Sequence[Tensor]] | None = None,
 ) -> Tensor:
     """Merge one named tensor the way ``recipe`` says for the layer ``group`` it belongs to.
 
-    ``sorted_magnitudes`` (prepared once by the in-memory merger) gives TIES its trim thresholds by lookup;
-    without it the same thresholds are computed here.  ``statistics`` maps tensor names to per-model Fisher
-    diagonals or Gram matrices; tensors it lacks are weight-averaged.
+    ``magnitude_tables`` (prepared once by the in-memory merger, one per model) spare TIES its counting pass;
+    the result is the same without them.  ``statistics`` maps tensor names to per-model Fisher diagonals or
+    Gram matrices (on any device: they are used on the tensors'); tensors it lacks are weight-averaged.
     """
     options = recipe.parameters
     method = recipe.method
@@ -570,11 +803,8 @@ def merge_tensor(
         return task_arithmetic(base, tensors, weights, scale=options["lambda"], normalize=options["normalize"], out=out)
     densities = group["density"]
     if method == "ties":
-        thresholds = None
-        if sorted_magnitudes is not None:
-            thresholds = [threshold_from_sorted(values, d) for values, d in zip(sorted_magnitudes, densities)]
         return ties(base, tensors, weights, densities, scale=options["lambda"], normalize=options["normalize"],
-                    thresholds=thresholds, out=out)
+                    tables=magnitude_tables, out=out)
     keys = [dare_key(options["seed"], name, index) for index in range(len(tensors))]
     dare = dare_ties if method == "dare_ties" else dare_linear
     return dare(base, tensors, weights, densities, keys, scale=options["lambda"],

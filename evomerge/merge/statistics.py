@@ -53,19 +53,22 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     return prompts[:limit]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> dict[str, Tensor]:
-    return dict(tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_length))
+def _encode(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int,
+            device: torch.device) -> dict[str, Tensor]:
+    encoded = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_length)
+    return {key: value.to(device) for key, value in encoded.items()}
 
 
 def fisher_diagonal(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_length: int = 256
 ) -> dict[str, Tensor]:
-    """Mean squared per-prompt gradient of the LM loss for every trainable parameter (float32)."""
+    """Mean squared per-prompt gradient of the LM loss for every trainable parameter (float32, on the model's
+    device)."""
     parameters = dict(model.named_parameters())
     squares = {name: torch.zeros_like(parameter, dtype=torch.float32) for name, parameter in parameters.items()}
     model.eval()
     for prompt in prompts:
-        batch = _encode(tokenizer, prompt, max_length)
+        batch = _encode(tokenizer, prompt, max_length, model.device)
         model.zero_grad(set_to_none=True)
         model(**batch, labels=batch["input_ids"]).loss.backward()
         for name, parameter in parameters.items():
@@ -78,7 +81,8 @@ def fisher_diagonal(
 def gram_matrices(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_length: int = 256
 ) -> dict[str, Tensor]:
-    """Per linear layer ``<module>.weight``: mean over tokens of x x^T for the layer's input x (float32)."""
+    """Per linear layer ``<module>.weight``: mean over tokens of x x^T for the layer's input x (float32, on the
+    model's device)."""
     grams: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -98,7 +102,7 @@ def gram_matrices(
     try:
         with torch.no_grad():
             for prompt in prompts:
-                model(**_encode(tokenizer, prompt, max_length))
+                model(**_encode(tokenizer, prompt, max_length, model.device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -106,11 +110,17 @@ def gram_matrices(
 
 
 def cached_statistics(
-    kind: str, model_path: str | Path, prompts: Sequence[str], cache_dir: str | Path | None = None
+    kind: str,
+    model_path: str | Path,
+    prompts: Sequence[str],
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Tensor]:
-    """``kind`` ("fisher" or "gram") statistics of one model, loaded from the cache or computed and cached.
+    """``kind`` ("fisher" or "gram") statistics of one model on the CPU, loaded from the cache or computed (in
+    float32 on ``device``) and cached.  Callers move them to the device they merge on.
 
-    The cache key covers the kind, the model's resolved path and the exact prompts.
+    The cache key covers the kind, the model's resolved path and the exact prompts (not the device: the
+    statistics agree across devices up to float rounding).
     """
     if kind not in STATISTIC_KINDS:
         raise MergeError(f"unknown statistic {kind!r}; expected one of {STATISTIC_KINDS}")
@@ -119,16 +129,18 @@ def cached_statistics(
     cache_file = Path(cache_dir or default_cache_dir()) / f"{kind}-{model_path.name}-{key}.safetensors"
     if cache_file.exists():
         return load_tensors(cache_file)
-    model = load_model(model_path, dtype="float32")
+    model = load_model(model_path, dtype="float32", device=str(device))
     tokenizer = load_tokenizer(model_path)
     compute = fisher_diagonal if kind == "fisher" else gram_matrices
-    values = compute(model, tokenizer, prompts)
+    values = {name: value.cpu() for name, value in compute(model, tokenizer, prompts).items()}
+    del model
     save_tensors(cache_file, values)
     return values
 
 
-def recipe_statistics(recipe: PSRecipe) -> dict[str, list[Tensor]]:
-    """Tensor name -> one statistic per recipe model, as `methods.merge_tensor` takes them."""
+def recipe_statistics(recipe: PSRecipe, device: str | torch.device = "cpu") -> dict[str, list[Tensor]]:
+    """Tensor name -> one statistic per recipe model (on the CPU; computed on ``device`` where not cached), as
+    `methods.merge_tensor` takes them."""
     kind = recipe.spec.statistics
     if kind is None:
         raise MergeError(f"{recipe.method} merging needs no statistics")
@@ -136,6 +148,7 @@ def recipe_statistics(recipe: PSRecipe) -> dict[str, list[Tensor]]:
     if not options.get("prompts"):
         raise MergeError(f"{recipe.method} merging needs parameters.prompts: a text or JSONL file of task prompts")
     prompts = read_prompts(options["prompts"], options["max_prompts"])
-    per_model = [cached_statistics(kind, model, prompts, options.get("statistics_dir")) for model in recipe.models]
+    per_model = [cached_statistics(kind, model, prompts, options.get("statistics_dir"), device)
+                 for model in recipe.models]
     shared = set(per_model[0]).intersection(*per_model[1:])
     return {name: [values[name] for values in per_model] for name in per_model[0] if name in shared}

@@ -136,12 +136,13 @@ def check_recipe_fits(recipe: PSRecipe, names: Sequence[str]) -> dict[str, int]:
         raise MergeError(f"recipe {recipe.hash} does not fit the checkpoint {recipe.base or recipe.models[0]}: {error}") from error
 
 
-def needed_statistics(recipe: PSRecipe) -> Mapping[str, Sequence[Tensor]] | None:
+def needed_statistics(recipe: PSRecipe, device: str | torch.device = "cpu") -> Mapping[str, Sequence[Tensor]] | None:
+    """The recipe's Fisher / Gram statistics (from the cache, or computed on ``device``), on the CPU."""
     if recipe.spec.statistics is None:
         return None
     from evomerge.merge.statistics import recipe_statistics
 
-    return recipe_statistics(recipe)
+    return recipe_statistics(recipe, device=device)
 
 
 def _prefetched(inputs: MergeInputs, names: Sequence[str]) -> Iterator[tuple[str, list[Tensor]]]:
@@ -167,10 +168,14 @@ def merge_to_disk(
     statistics: Mapping[str, Sequence[Tensor]] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Merge ``recipe`` into a loadable HF model directory at ``out`` (safetensors shards, config, tokenizer,
     and a README model card recording the recipe).  ``statistics`` overrides Fisher/Gram statistics that
-    would otherwise be loaded from (or computed into) the recipe's statistics cache."""
+    would otherwise be loaded from (or computed into) the recipe's statistics cache.  ``device``: where each
+    tensor is merged (read and written through host memory one tensor at a time); the result equals an
+    `InMemoryMerger` candidate on the same device bit for bit."""
+    device = torch.device(device)
     out = Path(out)
     if out.exists() and not overwrite:
         raise MergeError(f"output {out} already exists; pass overwrite=True to replace it")
@@ -180,18 +185,19 @@ def merge_to_disk(
     try:
         assignment = check_recipe_fits(recipe, inputs.names)
         if statistics is None:
-            statistics = needed_statistics(recipe)
+            statistics = needed_statistics(recipe, device=device)
         layout = [(name, entry.dtype, entry.shape) for name, entry in inputs.reference.entries.items()]
         writer = ShardedSafetensorsWriter(staging, layout, max_shard_bytes)
-        output = torch.empty(inputs.reference.largest_tensor_bytes, dtype=torch.uint8)
+        output = torch.empty(inputs.reference.largest_tensor_bytes, dtype=torch.uint8, device=device)
         try:
             for name, tensors in _prefetched(inputs, inputs.names):
+                tensors = [tensor.to(device) for tensor in tensors]
                 base, models = (tensors[0], tensors[1:]) if inputs.has_base else (None, tensors)
                 group = recipe.groups[assignment[name]]
                 target = output[: tensors[0].nbytes].view(tensors[0].dtype).view(tensors[0].shape)
                 with torch.no_grad():
                     merged = merge_tensor(recipe, group, name, base, models, out=target, statistics=statistics)
-                writer.write(name, merged)
+                writer.write(name, merged.cpu())
             writer.close()
         finally:
             writer.abort()
