@@ -215,10 +215,6 @@ def child_memory(zoo: dict[str, Path], warmup: dict[str, Path], candidates: int,
     result["pool_mb"] += sum(tensor.nbytes for pool in merger._pool for tensor in pool.values()) / 2**20
     result["resident_mb"] = sum(tensor.nbytes for tensor in merger._targets.values()) / 2**20
     result["after_load_rss_mb"] = rss_mb()
-    if disk_ties is not None:  # the same recipe must give the disk path's tensors bit for bit
-        state = merger.merge(recipe_for("ties", zoo)).state_dict()
-        disk = CheckpointReader(disk_ties)
-        result["ties_equals_disk"] = all(torch.equal(state[name], disk.read(name)) for name in disk.names)
     rng = random.Random(0)
     layers = json.loads((zoo["base"] / "config.json").read_text())["num_hidden_layers"]
     groups = group_names(layers, min(5, layers))
@@ -247,6 +243,11 @@ def child_memory(zoo: dict[str, Path], warmup: dict[str, Path], candidates: int,
         result["methods"][method] = {"first_s": first, "median_s": statistics.median(times), "runs": times}
     result["tables_mb"] = sum(table.nbytes for tables in getattr(merger, "_tables", {}).values()
                               for table in tables) / 2**20
+    result["peak_rss_mb"] = peak_rss_mb()  # before the check below reads a second model
+    if disk_ties is not None:  # the same recipe must give the disk path's tensors bit for bit
+        state = merger.merge(recipe_for("ties", zoo)).state_dict()
+        disk = CheckpointReader(disk_ties)
+        result["ties_equals_disk"] = all(torch.equal(state[name], disk.read(name)) for name in disk.names)
     return result
 
 
@@ -278,7 +279,7 @@ def child_main(arguments: list[str]) -> None:
         disk_ties = work / "out" / "evomerge-ties"
         result = child_memory(zoo, warmup, int(arguments[2]), arguments[3].split(","),
                               disk_ties if disk_ties.exists() else None)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result.setdefault("peak_rss_mb", peak_rss_mb())
     print(json.dumps(result))
 
 

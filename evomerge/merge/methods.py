@@ -197,14 +197,11 @@ def _abs_delta_kernel(out: Tensor, base: Tensor, tensor: Tensor) -> Tensor:
     return out
 
 
-def _exact_key_kernel(out: Tensor, base: Tensor, tensor: Tensor, shift: int) -> tuple[Tensor, Tensor]:
-    """|tensor - base| as int32 bit patterns into ``out``; returns which are not exact in the checkpoint dtype
-    (low ``shift`` bits set), and a bincount key: the exact ones' high bits (>> ``shift``), the others one past
-    the last of those.  (With an arange added, torch 2.13's inductor compiled this kernel wrongly: kept out.)"""
-    bits = (tensor.float() - base.float()).abs().view(torch.int32)
-    out.copy_(bits)
-    inexact = (bits & ((1 << shift) - 1)) != 0
-    return inexact, torch.where(inexact, 1 << (31 - shift), bits >> shift)
+def _exact_key_kernel(out: Tensor, bits: Tensor, shift: int) -> Tensor:
+    """For int32 bit patterns of magnitudes: the high bits (>> ``shift``) of those exact in the checkpoint dtype
+    (low ``shift`` bits zero), 2^(31 - shift) -- one past the last of those -- for the others."""
+    out.copy_(torch.where((bits & ((1 << shift) - 1)) != 0, 1 << (31 - shift), bits >> shift))
+    return out
 
 
 def _tie_count_kernel(base: Tensor, tensor: Tensor, threshold: Tensor) -> Tensor:
@@ -353,15 +350,16 @@ class MagnitudeTable:
         return self.sketch[index] if found else None
 
 
-_scratch_buffers: dict[torch.device, Tensor] = {}
+_scratch_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def _scratch(numel: int, device: torch.device) -> Tensor:
-    """A reused float32 buffer per device: a fresh multi-MB allocation per tensor and model costs page faults."""
-    buffer = _scratch_buffers.get(device)
+def _scratch(numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A reused buffer per device and dtype: a fresh multi-MB allocation per chunk costs page faults, and on the
+    CPU leaves the heap fragmented (resident) long after."""
+    buffer = _scratch_buffers.get((device, dtype))
     if buffer is None or buffer.numel() < numel:
-        _scratch_buffers.pop(device, None)
-        buffer = _scratch_buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        _scratch_buffers.pop((device, dtype), None)
+        buffer = _scratch_buffers[device, dtype] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 
 
@@ -403,18 +401,16 @@ def _exact_table(base: Tensor, tensor: Tensor, shift: int) -> MagnitudeTable | N
     The same bincount counts the most tied magnitudes per `_SKETCH_CHUNK` entries: the table's sketch."""
     numel, bins = base.numel(), 1 << (31 - shift)
     per_chunk, rest, rest_count = [], [], 0
-    base, tensor = _flat(base), _flat(tensor)
-    for start in range(0, numel, _BITS_CHUNK):
-        stop = min(start + _BITS_CHUNK, numel)
-        bits = _scratch(stop - start, base.device).view(torch.int32)
-        inexact, keys = _run_kernel(_exact_key_kernel, stop - start, bits, base[start:stop], tensor[start:stop], shift)
-        chunks = -(-(stop - start) // _SKETCH_CHUNK)  # count per run of _SKETCH_CHUNK entries: one bincount
-        keys += _run_offsets(bins + 1, base.device)[: stop - start]
-        per_chunk.append(torch.bincount(keys, minlength=chunks * (bins + 1)).view(chunks, bins + 1)[:, :bins].int())
-        rest.append(bits[inexact])
+    for bits in _magnitude_bits(base, tensor):
+        size = bits.numel()
+        keys = _run_kernel(_exact_key_kernel, size, _scratch(size, base.device, torch.int32), bits, shift)
+        rest.append(bits[torch.eq(keys, bins, out=_scratch(size, base.device, torch.bool))])
         rest_count += rest[-1].numel()
         if rest_count > numel // 8:
             return None
+        runs = -(-size // _SKETCH_CHUNK)  # counted per run of _SKETCH_CHUNK entries: one bincount
+        keys += _run_offsets(bins + 1, base.device)[:size]
+        per_chunk.append(torch.bincount(keys, minlength=runs * (bins + 1)).view(runs, bins + 1)[:, :bins].int())
     values, value_counts = torch.unique(torch.cat(rest), return_counts=True)
     per_chunk = torch.cat(per_chunk)
     counts = per_chunk.sum(0, dtype=torch.int64)
