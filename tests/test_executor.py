@@ -81,7 +81,10 @@ def test_ray_workers_give_the_serial_log(local_cluster, tmp_path):
 
 class DyingProblem(SyntheticProblem):
     """Kills its own worker process (SIGKILL) on recipes whose first value is above 0.5: `deaths` times for a
-    recipe -- counted in marker files, so that a new worker knows -- or every time when the second value is 0.9."""
+    recipe -- counted in marker files, so that a new worker knows -- or every time when the second value is 0.9.
+    No candidate fails otherwise (no safe region)."""
+
+    safe_limit = 1.0
 
     def __init__(self, markers: str, deaths: int = 1):
         super().__init__(None)
@@ -101,6 +104,7 @@ def test_a_candidate_whose_worker_died_is_retried_and_failed_when_it_keeps_dying
     markers = tmp_path / "markers"
     markers.mkdir()
     problem = SyntheticProblem(None)
+    problem.safe_limit = DyingProblem.safe_limit  # the serial reference fails nothing either
     values = [(0.1, 0.2), (0.8, 0.2), (0.2, 0.2), (0.7, 0.9), (0.3, 0.2)]  # #1 dies once, #3 every time
     recipes = [problem.decode(np.array([a, b, 0.3, 0.4])) for a, b in values]
     executor = RayExecutor(functools.partial(DyingProblem, str(markers)), workers=2, max_retries=1)
