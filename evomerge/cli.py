@@ -21,7 +21,7 @@ from evomerge.merge import MergeError
 from evomerge.modelio import ModelLoadError, set_load_policy
 from evomerge.pool import PoolError
 from evomerge.resources import CONF_MODULE
-from evomerge.search.run import SearchError
+from evomerge.search.run import Interrupted, SearchError
 from evomerge.search.sweep import JobError
 
 USER_ERRORS = (MergeError, TaskError, SearchError, PoolError, LanguageModelMissingError, ModelLoadError)
@@ -161,8 +161,13 @@ def main(argv: list[str] | None = None) -> None:
             _restore(kept)
             print(f"evomerge {command}: error: {error}", file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep's other runs go on; its summary names this one
-                return JobError(str(error))
+                return JobError(str(error))  # (a scheduler's job process still exits 1: SweepSummary.on_job_end)
             raise SystemExit(1) from None
+        except Interrupted as stop:  # a scheduler's timeout or preemption: the process ends, the run does not
+            resume = cfg.get("resume") or output_dir
+            print(f"evomerge {command}: stopped by {stop}; the run resumes from its last checkpoint: "
+                  f"evomerge {command} resume={resume}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + stop.signum) from None  # the shell's code for "ended by this signal"
         finally:
             set_load_policy()  # back to the defaults: the policy is this command's, not the process's
 

@@ -35,6 +35,7 @@ from evomerge.merge.groups import assign_groups, tensor_place
 from evomerge.merge.stream import merge_to_disk, model_card, move_into_place
 from evomerge.modelio import DTYPES, CheckpointReader, load_model, load_tokenizer
 from evomerge.pathmodel import recipe_path_model, save_path_model
+from evomerge.pool import check_placement
 from evomerge.recipe import DFSRecipe, PSRecipe, load_recipe
 
 RUN_RECIPE = "best_recipe.yaml"
@@ -321,10 +322,12 @@ def export_command(cfg: DictConfig) -> Path:
         raise ExportError(f"run={run}: no such directory")
     if recipe and not Path(recipe).is_file():
         raise ExportError(f"recipe={recipe}: no such file")
+    device = OmegaConf.select(cfg, "device", default=None) or "cpu"
+    check_placement(device, OmegaConf.select(cfg, "dtype", default=None) or "float32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
         written = export(run or recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)),
-                         device=OmegaConf.select(cfg, "device", default=None) or "cpu")
+                         device=device)
     for warning in caught:
         if issubclass(warning.category, ExportWarning):
             print(f"evomerge export: warning: {warning.message}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def _looks_local(path: str) -> bool:
 
 def local_checkpoint(path: str | Path, what: str = "model") -> str:
     """A local directory for ``path``: the path itself, or a hub id's cached (downloaded) snapshot of its
-    safetensors, config and tokenizer files. Raises ModelLoadError naming the model when that cannot be had."""
+    safetensors, config and tokenizer files. A hub id may pin a revision, ``org/name@<branch, tag or commit>``;
+    without one it is the default branch. Raises ModelLoadError naming the model when that cannot be had."""
     path = str(path)
     if _looks_local(path):
         local = Path(path).expanduser()
@@ -77,6 +79,10 @@ def local_checkpoint(path: str | Path, what: str = "model") -> str:
         return str(local)
     from huggingface_hub import snapshot_download
 
+    repo_id, revision = split_revision(path)
+    if revision == "":
+        raise ModelLoadError(f"{what} {path!r} names no revision after '@': write {repo_id}@<branch, tag or commit>, "
+                             f"or {repo_id} for its default branch")
     offline = hub_offline()
     patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
     if POLICY.allow_pickle:
@@ -84,9 +90,34 @@ def local_checkpoint(path: str | Path, what: str = "model") -> str:
     if POLICY.trust_remote_code:
         patterns.append("*.py")
     try:
-        return snapshot_download(path, allow_patterns=patterns, local_files_only=offline)
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
     except Exception as error:  # offline with no cached copy, unknown repo, no network: one line naming the model
         raise ModelLoadError(_hub_problem(path, what, error, offline)) from None
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """A hub id and the revision it pins (``org/name@rev``; a hub id itself never has an '@'), or None."""
+    repo_id, at, revision = name.partition("@")
+    return repo_id, (revision if at else None)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_snapshot(path: str | Path) -> tuple[str, str] | None:
+    """``(hub id, commit)`` when ``path`` is a model snapshot in a Hugging Face hub cache, else None.
+
+    The cache's documented layout (huggingface_hub's "manage the cache" guide; what ``snapshot_download`` returns
+    and ``scan_cache_dir`` parses) is ``<cache>/models--<org>--<name>/snapshots/<commit sha>/``, '/' in the id
+    written as '--', which a hub id never contains. Read from the path alone, so it holds wherever the cache lies."""
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+
+    local = Path(path).expanduser()
+    repo, snapshots = local.parent.parent.name, local.parent.name
+    prefix = f"models{REPO_ID_SEPARATOR}"
+    if snapshots != "snapshots" or not _COMMIT.fullmatch(local.name) or not repo.startswith(prefix):
+        return None
+    return repo[len(prefix):].replace(REPO_ID_SEPARATOR, "/"), local.name
 
 
 def _hub_problem(path: str, what: str, error: BaseException, offline: bool) -> str:

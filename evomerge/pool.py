@@ -9,10 +9,16 @@ The pool also carries the task variables a search's tasks read their data with: 
 top-level data settings of the config (`mgsm_dir`, `mgsm_search_file`: `evomerge.eval.task.CONFIG_VARIABLES`).
 `early_variables` gives those known before anything is built or fetched, and `check_placement` the device and
 dtype, so a search can check its task, data and device before the pool is touched.
+
+`Pool.identity` names the models by what they are, not where they lie (`member_identity`), for the settings a
+resumed search must match: a hub model as its id and the commit of the snapshot used, so a run resumes under
+another HF_HOME or after the cache moved, and refuses a model whose revision changed; a toy-zoo model by the
+zoo's spec hash, so a run resumes under another `home`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.eval.task import CONFIG_VARIABLES
-from evomerge.modelio import DTYPES, ModelLoadError, local_checkpoint
+from evomerge.modelio import DTYPES, ModelLoadError, hub_snapshot, local_checkpoint
+
+Identity = str | dict[str, str]  # what `member_identity` records: a path, or the fields that name a model
 
 
 class PoolError(ValueError):
@@ -37,6 +45,34 @@ class Pool:
     @property
     def tokenizer_source(self) -> str:
         return self.base
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The base and the models by identity, not location (`member_identity`): what a resumed run must match.
+        Derived from the paths, so a pool built from another (the PS+DFS pipeline's DFS pool) has one too."""
+        return {"base": member_identity(self.base), "models": [member_identity(model) for model in self.models]}
+
+
+ZOO_DIR = re.compile(r"zoo-.+-[0-9a-f]{10}")  # evomerge.zoo.build.zoo_dir: zoo-<variant>-<spec hash>
+
+
+def member_identity(path: str | Path) -> Identity:
+    """What the model at ``path`` (a resolved pool member) is, wherever it lies:
+
+    - a hub cache snapshot (`modelio.hub_snapshot`): ``{"hub": id, "revision": commit sha}``, the commit of the
+      snapshot actually read, so the same model under another HF_HOME is the same, and a new revision is not;
+    - a model inside a built toy zoo: ``{"zoo": "zoo-<variant>-<spec hash>", "model": path inside it}``: the
+      directory's name hashes the zoo's whole spec, so the zoo built (or moved) under another `home` is the same;
+    - any other directory: its resolved path.
+    """
+    snapshot = hub_snapshot(path)
+    if snapshot is not None:
+        return {"hub": snapshot[0], "revision": snapshot[1]}
+    local = Path(path).expanduser().resolve()
+    for zoo in local.parents:
+        if ZOO_DIR.fullmatch(zoo.name) and (zoo / "zoo_report.json").is_file():
+            return {"zoo": zoo.name, "model": local.relative_to(zoo).as_posix()}
+    return str(local)
 
 
 def _check_local(path: str, what: str) -> str:

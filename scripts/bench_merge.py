@@ -8,7 +8,10 @@ then times, each in a fresh process pinned to 2 torch threads (``--threads``):
 * mergekit on the same configs (``run_merge``, what ``mergekit-yaml`` calls), when mergekit is installed;
 * a floor: read every tensor of the 4 checkpoints, sum, write -- no merge math at all;
 * the in-memory candidate merge (``InMemoryMerger.merge``) for random per-group recipes, with the process's
-  peak RSS and the bytes it holds per pool parameter (``--memory-only``: just this part).
+  peak RSS and the bytes it holds per pool parameter (``--memory-only``: just this part);
+* ``--search``: a real ``evomerge search`` (TIES, 2 generations of 4 candidates, dtype=bfloat16) over the built pool
+  on MGSM-JA rows (a small tokenizer trained on MGSM text is saved with each model; 2 search rows, 2 test rows,
+  8 new tokens, so the time goes to merging and a few forward passes), with its wall time and peak RSS.
 
 Times cover the merge call itself (imports and process start excluded, for both tools).  Each evomerge
 process first merges a small warm-up checkpoint set so the one-off ``torch.compile`` of the fused kernels
@@ -251,6 +254,36 @@ def child_memory(zoo: dict[str, Path], warmup: dict[str, Path], candidates: int,
     return result
 
 
+SEARCH_ROWS = 2  # MGSM-JA rows in each split of the --search run: the first for test, the next for search
+
+
+def child_search(zoo: dict[str, Path], work: Path) -> dict:
+    """`evomerge search` over the pool, in this process (so its peak RSS is this child's), on a few MGSM-JA rows."""
+    from evomerge.cli import main as evomerge_main
+    from evomerge.resources import DATA_DIR
+    from evomerge.zoo.tokenizer import train_tokenizer
+
+    rows = (DATA_DIR / "mgsm" / "mgsm_ja.tsv").read_text(encoding="utf-8").splitlines()
+    tokenizer = train_tokenizer(rows + (DATA_DIR / "mgsm" / "mgsm_en.tsv").read_text(encoding="utf-8").splitlines(),
+                                vocab_size=1000)
+    for path in zoo.values():
+        tokenizer.save_pretrained(path)
+    data = work / "mgsm"
+    data.mkdir()
+    (data / "mgsm_ja.tsv").write_text("\n".join(rows[:SEARCH_ROWS]) + "\n", encoding="utf-8")
+    (data / "search.tsv").write_text("\n".join(rows[SEARCH_ROWS:2 * SEARCH_ROWS]) + "\n", encoding="utf-8")
+    models = ",".join(str(zoo[name]) for name in ("ft1", "ft2", "ft3"))
+    start = time.perf_counter()
+    evomerge_main(["search", "pool=evollm_jp", f"pool.base={zoo['base']}", f"pool.models=[{models}]",
+                   "pool.names=[ft1,ft2,ft3]", "task=mgsm_ja", f"mgsm_dir={data}",
+                   f"mgsm_search_file={data / 'search.tsv'}", "task.max_new_tokens=8", "merge=ties",
+                   "dtype=bfloat16", "search.popsize=4", "search.generations=2", "progress=false",
+                   f"hydra.run.dir={work / 'search'}"])
+    report = json.loads((work / "search" / "report.json").read_text())
+    return {"seconds": time.perf_counter() - start, "evaluations": report["search"]["evaluations"],
+            "rows": [(row["name"], row["metrics"]["fitness"]) for row in report["rows"]]}
+
+
 def run_child(arguments: list[str]) -> dict:
     """Run this script in child mode in a fresh process; return its JSON result (with its peak RSS)."""
     command = [sys.executable, __file__, "--threads", str(THREADS), "--child", *arguments]
@@ -275,6 +308,8 @@ def child_main(arguments: list[str]) -> None:
         result = child_mergekit(arguments[2], zoo, work / "out" / f"mergekit-{arguments[2]}")
     elif mode == "floor":
         result = child_floor(zoo, work / "out" / "floor")
+    elif mode == "search":
+        result = child_search(zoo, work)
     else:
         disk_ties = work / "out" / "evomerge-ties"
         result = child_memory(zoo, warmup, int(arguments[2]), arguments[3].split(","),
@@ -352,6 +387,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="torch threads per child (2: the 2-core reference machine; on a machine shared with "
                              "other jobs, 1 avoids waiting for a busy core at every parallel region)")
+    parser.add_argument("--search", action="store_true",
+                        help="also run a 2-generation TIES evomerge search over the pool (bf16), with its peak RSS")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     THREADS = args.threads
@@ -401,6 +438,16 @@ def main() -> None:
         result["in_memory"] = memory
         if "ties" in memory["methods"]:
             result["in_memory_merge_s"] = memory["methods"]["ties"]["median_s"]
+        if args.search:
+            search = run_child(["search", str(work)])
+            search["bytes_per_pool_parameter"] = search["peak_rss_mb"] * 2**20 / (4 * parameters)
+            search["pool_mb"] = 4 * parameters * 2 / 2**20
+            result["search"] = search
+            log(f"evomerge search (TIES, bf16, {search['evaluations']} candidates + the held-out report): "
+                f"{search['seconds']:.0f}s, peak RSS {search['peak_rss_mb'] / 1024:.2f} GiB = "
+                f"{search['bytes_per_pool_parameter']:.2f} bytes per pool parameter (pool {search['pool_mb'] / 1024:.2f} "
+                f"GiB in bf16 + one resident candidate {search['pool_mb'] / 4 / 1024:.2f} GiB: "
+                f"{search['peak_rss_mb'] / (1.25 * search['pool_mb']):.3f}x those)")
         print(json.dumps(result) if args.json else table(result))
         if not args.json and "ties_equals_disk" in memory:
             print(f"\nin-memory TIES candidate equals the disk merge bit for bit: {memory['ties_equals_disk']}")

@@ -78,5 +78,5 @@ def test_eval_of_a_recipe_matches_eval_of_the_model_merged_to_disk(tiny_checkpoi
     from_recipe = eval_command(OmegaConf.create({**common, "recipe": str(recipe.save(tmp_path / "r.yaml")),
                                                  "out": str(tmp_path / "a.json")}))
     from_disk = eval_command(OmegaConf.create({**common, "model": str(merged), "out": str(tmp_path / "b.json")}))
-    assert from_recipe["recipe_hash"] == recipe.hash and from_recipe["model_key"] == f"recipe:{recipe.hash}"
+    assert from_recipe["recipe_hash"] == recipe.hash and from_recipe["model_key"] == f"recipe:{recipe.hash}|float32"
     assert [x["generation"] for x in from_recipe["samples"]] == [x["generation"] for x in from_disk["samples"]]

@@ -226,3 +226,23 @@ def test_composite_evaluation_reports_components(model, tokenizer, tmp_path):
     assert metrics["score"] == pytest.approx((metrics["toy_ja_qa/acc_ja"] + metrics["toy_en_math/acc"]) / 2)
     assert {s["task"] for s in result.samples} == {"toy_ja_qa", "toy_en_math"}
     assert set(result.generation) == {"toy_ja_qa", "toy_en_math"}
+
+
+def test_generation_logs_no_transformers_deprecation(model, tokenizer):
+    """Our calls use the model's own names for the KV cache (`cache` from transformers 5.2x on): no deprecation
+    message, on the prefix-sharing path (MGSM-JA's prompts share their instruction header) too."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logging.warning_once.cache_clear()  # a message logged earlier in this process is not logged again
+    logger = transformers_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        Evaluator(load_task("mgsm_ja", {}), "test", tokenizer, max_new_tokens=2, progress=False).evaluate(model)
+    finally:
+        logger.removeHandler(handler)
+    assert not [record.getMessage() for record in records if "deprecated" in record.getMessage()]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evomerge.merge import InMemoryMerger, MergeError, merge_to_disk
-from evomerge.modelio import CheckpointReader
+from evomerge.modelio import CheckpointReader, load_model, load_tokenizer
 from evomerge.recipe import PSRecipe
 
 PROMPTS = ["Question: Tom has 12 apples. He gets 9 more.", "問題：太郎はりんごを3個持っています。"]
@@ -98,3 +98,39 @@ def test_dare_seed_changes_the_candidate(merger, tiny_checkpoints):
         recipe = PSRecipe.uniform("dare_ties", base, [first], density=0.5, parameters={"seed": seed})
         results.append(merger.merge(recipe).state_dict()[name].clone())
     assert torch.equal(results[0], results[2]) and not torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_sources_come_from_the_resident_pool_as_load_model_gives_them(tiny_checkpoints, tmp_path, dtype):
+    """The held-out report's source rows: every tensor (and buffer) of `merger.source(path)` equals the model
+    `load_model(path, dtype)` loads, after a candidate has overwritten the resident model."""
+    paths = [tiny_checkpoints[key] for key in ("base", "expert_a", "expert_b")]
+    merger = InMemoryMerger(paths[0], paths[1:], dtype=dtype)
+    for path in paths:
+        merger.merge(recipe_for("ties", tiny_checkpoints, tmp_path))
+        resident = merger.source(path).state_dict()
+        loaded = load_model(path, dtype=dtype or "float32").state_dict()
+        assert set(resident) == set(loaded)
+        for name, tensor in loaded.items():
+            assert resident[name].dtype == tensor.dtype and torch.equal(resident[name], tensor), (path, name)
+    with pytest.raises(MergeError, match="not in this merger's pool"):
+        merger.source(tmp_path)
+
+
+def test_a_bfloat16_merger_holds_and_merges_the_pool_in_bfloat16(tiny_checkpoints, tmp_path):
+    """dtype=bfloat16 over float32 checkpoints: the pool and the candidate are bf16 (half the memory), and a
+    candidate equals the disk merge of bf16 copies of the checkpoints."""
+    merger = InMemoryMerger(tiny_checkpoints["base"], [tiny_checkpoints["expert_a"], tiny_checkpoints["expert_b"]],
+                            dtype="bfloat16")
+    assert {tensor.dtype for pool in merger._pool for tensor in pool.values()} == {torch.bfloat16}
+    copies = {}
+    for key in ("base", "expert_a", "expert_b"):
+        load_model(tiny_checkpoints[key], dtype="bfloat16").save_pretrained(tmp_path / key)
+        load_tokenizer(tiny_checkpoints[key]).save_pretrained(tmp_path / key)
+        copies[key] = tmp_path / key
+    recipe = recipe_for("ties", tiny_checkpoints, tmp_path)
+    state = merger.merge(recipe).state_dict()
+    bf16_recipe = recipe_for("ties", copies, tmp_path)
+    disk = CheckpointReader(merge_to_disk(bf16_recipe, tmp_path / "merged"))
+    for name in disk.names:
+        assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], disk.read(name)), name

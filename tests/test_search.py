@@ -138,6 +138,12 @@ def test_ps_search_on_the_micro_zoo_resumes_and_reports(micro_zoo_home, tmp_path
     report = json.loads((full / "report.json").read_text())
     assert report["split"] == "test" and {r["kind"] for r in report["rows"]} == {"source", "baseline", "best"}
     assert all(0 <= r["metrics"]["fitness"] <= 1 and r["metrics"]["split"] == "test" for r in report["rows"])
+    fitness = {row["name"]: row["metrics"]["fitness"] for row in report["rows"]}  # the best against each other row
+    assert [(p["model"], p["against"]) for p in report["paired"]] == [("best (search)", name) for name in list(fitness)[:-1]]
+    for paired in report["paired"]:  # the paired mean difference is the difference of the two fitnesses
+        assert paired["difference"] == pytest.approx(fitness["best (search)"] - fitness[paired["against"]], abs=1e-4)
+        assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1] and 0 <= paired["mcnemar_p"] <= 1
+    assert all("per_row" not in row for row in report["rows"])
     assert (full / "fitness.png").stat().st_size > 0
     recipe = PSRecipe.load(full / "best_recipe.yaml")
     assert recipe.method == "task_arithmetic" and recipe.group_names == ("embed", "blocks.0", "blocks.1", "head")

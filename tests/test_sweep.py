@@ -4,6 +4,9 @@ multirun, a failed run that does not stop the others; the launcher configs."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from omegaconf import OmegaConf
 
 from evomerge.cli import hydra_arguments, main
 from evomerge.resources import CONF_MODULE
-from evomerge.search.sweep import SUMMARY_JSON, SUMMARY_MD, format_summary, summary_rows
+from evomerge.search.sweep import SUMMARY_JSON, SUMMARY_MD, format_summary, settled, summary_rows, sweep_jobs
 
 MICRO = ["zoo=micro", "progress=false", "search.popsize=4"]
 
@@ -34,7 +37,7 @@ def _report(best_search: float, test: float, baselines=(0.5, 0.6)) -> dict:
     return {"split": "test", "rows": rows, "search": {"best_search_fitness": best_search}}
 
 
-def test_summary_rows_read_each_runs_report(tmp_path):
+def test_summary_rows_read_each_runs_report_and_the_table_shows_every_state(tmp_path):
     jobs = []
     for num, (overrides, report) in enumerate([(["search.seed=0", "merge=ties"], _report(0.81, 0.75)),
                                                (["search.seed=1", "merge=ties"], None)]):
@@ -42,16 +45,47 @@ def test_summary_rows_read_each_runs_report(tmp_path):
         run_dir.mkdir()
         if report:
             (run_dir / "report.json").write_text(json.dumps(report))
-        jobs.append({"num": num, "overrides": overrides, "run_dir": str(run_dir), "status": "ok", "error": None})
+        jobs.append({"num": num, "overrides": overrides, "run_dir": str(run_dir), "status": "done", "error": None,
+                     "logs": [str(run_dir / "cli.log")], "host": "node1", "pid": 10 + num})
     jobs.append({"num": 2, "overrides": ["search.seed=2", "merge=ties"], "run_dir": str(tmp_path / "2"),
-                 "status": "failed", "error": "search.start='centre': use 'merge_defaults' or 'center'"})
+                 "status": "failed", "error": "search.start='centre': use 'merge_defaults' or 'center'",
+                 "logs": [], "host": "node1", "pid": 12})
+    jobs.append({"num": 3, "overrides": ["search.seed=3", "merge=ties"], "run_dir": str(tmp_path / "3"),
+                 "status": "running", "error": None, "logs": [], "host": "node7", "pid": 42})
+    jobs.append({"num": 4, "overrides": ["search.seed=4", "merge=ties"], "run_dir": None, "status": "pending",
+                 "error": None, "logs": [], "host": None, "pid": None})
     rows = summary_rows(jobs)
     assert (rows[0]["best_search"], rows[0]["test"], rows[0]["best_baseline_test"]) == (0.81, 0.75, 0.6)
-    assert rows[1]["test"] is None and "no readable report.json" in rows[1]["error"]
+    assert rows[1]["status"] == "failed" and rows[1]["test"] is None
+    assert "no readable report.json" in rows[1]["error"]
     text = format_summary(rows, tmp_path)
-    assert "all with merge=ties" in text
-    assert "| 0 | search.seed=0 | 0.810 | 0.750 | 0.600 |" in text
-    assert "| 2 | search.seed=2 |  | failed: search.start='centre'" in text
+    assert "5 runs (1 done, 2 failed, 1 running, 1 pending), all with merge=ties" in text
+    assert "| 0 | done | search.seed=0 | 0.810 | 0.750 | 0.600 | [" in text and "](0) | [log](0/cli.log) |" in text
+    assert "| 2 | failed: search.start='centre': use 'merge_defaults' or 'center' | search.seed=2 |" in text
+    assert "| 3 | running on node7 (pid 42) | search.seed=3 |" in text
+    assert "| 4 | pending | search.seed=4 |  |  |  |  |  |" in text
+
+
+def test_a_running_job_whose_process_is_gone_reads_as_killed():
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its process id is free now
+    here = {"num": 0, "status": "running", "error": None, "host": socket.gethostname()}
+    assert settled({**here, "pid": os.getpid()})["status"] == "running"
+    assert settled({**here, "host": "elsewhere", "pid": ended.pid})["status"] == "running"  # cannot be checked there
+    gone = settled({**here, "pid": ended.pid})
+    assert gone["status"] == "killed" and f"pid {ended.pid}) is gone" in gone["error"]
+
+
+def test_every_job_of_a_basic_sweep_is_known_up_front():
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}
+    overrides = {"task": ["command=search", "search.seed=0,1", "merge=ties,dare"]}
+    config = OmegaConf.create({"hydra": {"sweeper": sweeper, "overrides": overrides}})
+    assert sweep_jobs(config) == [["command=search", "search.seed=0", "merge=ties"],
+                                  ["command=search", "search.seed=0", "merge=dare"],
+                                  ["command=search", "search.seed=1", "merge=ties"],
+                                  ["command=search", "search.seed=1", "merge=dare"]]
+    config.hydra.overrides.task = ["command=search", "merge=glob(*)"]
+    assert sweep_jobs(config) is None  # a glob needs Hydra's config loader: jobs are listed as they start
 
 
 def _summary(sweep_dir: Path) -> list[dict]:
@@ -64,7 +98,7 @@ def test_a_local_sweep_writes_a_run_per_job_and_a_summary_and_resumes(micro_zoo_
     main(["search", "-m", *MICRO, f"home={micro_zoo_home}", "search.generations=1", "search.seed=0,1",
           f"hydra.sweep.dir={sweep}"])
     rows = _summary(sweep)
-    assert [r["num"] for r in rows] == [0, 1] and [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["num"] for r in rows] == [0, 1] and [r["status"] for r in rows] == ["done", "done"]
     for num, row in enumerate(rows):
         run_dir = sweep / str(num)
         assert Path(row["run_dir"]) == run_dir and f"search.seed={num}" in row["overrides"]
@@ -74,7 +108,7 @@ def test_a_local_sweep_writes_a_run_per_job_and_a_summary_and_resumes(micro_zoo_
         assert len((run_dir / "log.jsonl").read_text().splitlines()) == 4
     assert (sweep / "0" / "log.jsonl").read_text() != (sweep / "1" / "log.jsonl").read_text()  # other seed
     printed = capsys.readouterr().out
-    assert "| 0 | search.seed=0 |" in printed and str(sweep / SUMMARY_MD) in printed
+    assert "| 0 | done | search.seed=0 |" in printed and str(sweep / SUMMARY_MD) in printed
 
     # a multirun whose jobs resume the two runs, extending each to 2 generations
     again = tmp_path / "again"
@@ -86,7 +120,7 @@ def test_a_local_sweep_writes_a_run_per_job_and_a_summary_and_resumes(micro_zoo_
     assert [Path(r["run_dir"]) for r in rows] == [sweep / "0", sweep / "1"]
     assert len((sweep / "0" / "log.jsonl").read_text().splitlines()) == 8
     assert len((sweep / "1" / "log.jsonl").read_text().splitlines()) == 4  # seed 0 differs from the run's seed 1
-    assert rows[0]["status"] == "ok" and rows[1]["status"] == "failed"
+    assert rows[0]["status"] == "done" and rows[1]["status"] == "failed"
     assert "setting search.seed was 1 in the checkpoint, is 0 now" in rows[1]["error"]
 
 
@@ -99,9 +133,10 @@ def test_a_run_that_fails_is_in_the_summary_and_the_sweep_goes_on(micro_zoo_home
     assert exit_info.value.code == 1
     rows = _summary(sweep)
     assert rows[0]["status"] == "failed" and "search.start='centre'" in rows[0]["error"]
-    assert rows[1]["status"] == "ok" and rows[1]["test"] is not None
+    assert rows[1]["status"] == "done" and rows[1]["test"] is not None
     out = capsys.readouterr().out
-    assert "1 of 2 runs failed" in out and "failed: search.start='centre'" in (sweep / SUMMARY_MD).read_text()
+    assert "1 of 2 runs failed or did not finish" in out
+    assert "| 0 | failed: search.start='centre'" in (sweep / SUMMARY_MD).read_text()
 
 
 def _launcher(*overrides: str) -> dict:

@@ -20,6 +20,7 @@ from evomerge.eval.evaluator import Evaluator, ResultCache, generation_options
 from evomerge.eval.task import CONFIG_VARIABLES, TaskError, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
+from evomerge.pool import check_placement
 from evomerge.pathmodel import recipe_path_model
 from evomerge.recipe import PSRecipe, load_recipe
 
@@ -31,6 +32,8 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
     recipe_path, model_path = cfg.get("recipe"), cfg.get("model")
     if (recipe_path is None) == (model_path is None):
         raise TaskError("evomerge eval needs one of model=<model directory or hub id> or recipe=<recipe.yaml>")
+    dtype, device = cfg.get("dtype") or "float32", cfg.get("device") or "cpu"
+    check_placement(device, dtype)  # a device this machine lacks: one line, before any model is read
     task_name, task_options = _task_entry(cfg)
     split = cfg.get("split") or "test"
     task = load_task(task_name, _task_variables(cfg))
@@ -39,12 +42,13 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         recipe = load_recipe(recipe_path)
         if isinstance(recipe, PSRecipe):
             model_path = recipe.base or recipe.models[0]
-            model = InMemoryMerger(recipe.base, recipe.models).merge(recipe).to(cfg.get("device") or "cpu")
+            merger = InMemoryMerger(recipe.base, recipe.models, device=device, dtype=dtype)
+            model = merger.merge(recipe)
         else:  # a layer path over its source models
             model_path = recipe.models[recipe.embed_from]
-            model = recipe_path_model(recipe, [load_model(path, device=cfg.get("device") or "cpu") for path in recipe.models])
+            model = recipe_path_model(recipe, [load_model(path, dtype, device) for path in recipe.models])
     else:
-        model = load_model(model_path, cfg.get("dtype") or "float32", cfg.get("device") or "cpu")
+        model = load_model(model_path, dtype, device)
     tokenizer = load_tokenizer(model_path)
     evaluator = Evaluator(
         task,
@@ -54,7 +58,7 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
         progress=bool(cfg.get("progress", True)),
     )
-    key = f"recipe:{recipe.hash}" if recipe_path is not None else f"{model_key(model_path)}|{cfg.get('dtype') or 'float32'}"
+    key = f"recipe:{recipe.hash}|{dtype}" if recipe_path is not None else f"{model_key(model_path)}|{dtype}"
     result = evaluator.evaluate(model, model_key=key)
     source = {"recipe": str(recipe_path), "recipe_hash": recipe.hash} if recipe_path is not None else {"model": str(model_path)}
     report = {**source, **result.to_dict()}

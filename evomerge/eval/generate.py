@@ -265,8 +265,9 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 def returned_cache(outputs: Any) -> Cache | None:
-    """The KV cache a forward returned, under either name."""
-    return outputs.get("cache", outputs.get("past_key_values"))
+    """The KV cache a forward returned, under either name (asking for `past_key_values` where the output calls it
+    `cache` would log transformers' deprecation warning)."""
+    return outputs["cache"] if "cache" in outputs else outputs.get("past_key_values")
 
 
 def prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor) -> Cache | None:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evomerge.merge import MergeError
 from evomerge.merge.stream import merge_to_disk
+from evomerge.pool import check_placement
 from evomerge.recipe import METHODS, PSRecipe
 
 
@@ -39,6 +40,8 @@ def merge_command(cfg: DictConfig) -> None:
     out = OmegaConf.select(cfg, "out")
     if not out:
         raise MergeError("merge needs out=<directory>")
+    device = OmegaConf.select(cfg, "device", default=None) or "cpu"
+    check_placement(device, OmegaConf.select(cfg, "dtype", default=None) or "float32")
     recipe_path = OmegaConf.select(cfg, "recipe")
     if recipe_path:
         recipe = PSRecipe.load(recipe_path)
@@ -52,5 +55,5 @@ def merge_command(cfg: DictConfig) -> None:
             OmegaConf.select(cfg, "groups"),
         )
     written = merge_to_disk(recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)),
-                            device=OmegaConf.select(cfg, "device", default=None) or "cpu")
+                            device=device)
     print(f"merged recipe {recipe.hash} ({recipe.method}, {len(recipe.models)} models) into {written}")

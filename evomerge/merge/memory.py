@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from evomerge.merge import MergeError
 from evomerge.merge.methods import MagnitudeTable, all_finite, magnitude_table, merge_tensor
 from evomerge.merge.stream import check_recipe_fits, needed_statistics, open_inputs
-from evomerge.modelio import load_model
+from evomerge.modelio import load_model, resolve_dtype
 from evomerge.recipe import PSRecipe
 
 
@@ -49,6 +49,8 @@ class InMemoryMerger:
     ``statistics`` maps a kind ("fisher", "gram") to tensor name -> one statistic per pool model, for Fisher
     and RegMean recipes; kinds it lacks are loaded or computed from the recipe's prompts (and kept).
     ``device`` holds the pool and the resident model (e.g. "cuda": candidates merge on the GPU they run on).
+    ``dtype`` is the one the pool and the resident model are held in (None: the checkpoints' own), so a search
+    at dtype=bfloat16 over float32 checkpoints merges and scores what a bf16 user gets, in half the memory.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class InMemoryMerger:
         model: PreTrainedModel | None = None,
         statistics: Mapping[str, Mapping[str, Sequence[Tensor]]] | None = None,
         device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
     ):
         self.base = None if base is None else str(base)
         self.models = [str(path) for path in models]
@@ -66,10 +69,11 @@ class InMemoryMerger:
         inputs = open_inputs(self.base, self.models)
         try:
             self.names = inputs.names
+            self.dtype = self._reference_dtype(inputs) if dtype is None else resolve_dtype(dtype)
             if model is None:  # before the pool: loading briefly needs a second copy of the model
-                model = load_model(inputs.paths[0], dtype=self._reference_dtype(inputs), device=str(self.device))
+                model = load_model(inputs.paths[0], dtype=self.dtype, device=str(self.device))
             self.model = model
-            stacked = {name: [tensor.to(self.device) for tensor in inputs.read_checked(name)] for name in self.names}
+            stacked = {name: [self._held(tensor) for tensor in inputs.read_checked(name)] for name in self.names}
         finally:
             inputs.close()
         offset = 1 if self.base is not None else 0
@@ -81,6 +85,10 @@ class InMemoryMerger:
         }
         self._tables: dict[str, list[MagnitudeTable]] = {}
         self._assignments: dict[tuple[str, ...], dict[str, int]] = {}
+
+    def _held(self, tensor: Tensor) -> Tensor:
+        """A checkpoint tensor as the pool holds it: on the merger's device, floats in the merger's dtype."""
+        return tensor.to(self.device, self.dtype if tensor.is_floating_point() else None)
 
     @staticmethod
     def _reference_dtype(inputs) -> torch.dtype:
@@ -143,6 +151,21 @@ class InMemoryMerger:
             if recipe.method == "ties" and self._targets[name].is_floating_point():
                 self._magnitude_tables(name)
         self._pool_statistics(recipe, indices)
+
+    def source(self, path: str | Path) -> PreTrainedModel:
+        """The resident model holding one pool checkpoint (the base or a model) as it is: what `load_model(path,
+        dtype, device)` gives, from the resident pool instead of a second copy of the model in memory."""
+        if self._base is not None and _same_checkpoint(path, self.base):
+            tensors = self._base
+        else:
+            matches = [pool for pooled, pool in zip(self.models, self._pool) if _same_checkpoint(path, pooled)]
+            if not matches:
+                raise MergeError(f"{path} is not in this merger's pool {[self.base, *self.models]}")
+            tensors = matches[0]
+        with torch.no_grad():
+            for name, target in self._targets.items():
+                target.copy_(tensors[name])
+        return self.model
 
     def merge(self, recipe: PSRecipe) -> PreTrainedModel:
         """Write ``recipe``'s merged weights into the resident model and return it."""

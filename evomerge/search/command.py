@@ -15,9 +15,10 @@ read from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import importlib.util
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,9 +34,17 @@ from evomerge.merge.stream import merge_to_disk
 from evomerge.pool import Pool, PoolError, check_placement, config_variables, early_variables, resolve_pool
 from evomerge.recipe import PSRecipe
 from evomerge.search import dfs, ps
-from evomerge.search.executor import EXECUTOR_KEYS, make_executor
+from evomerge.search.executor import executor_settings, make_executor
 from evomerge.search.plots import plot_fitness, plot_pareto
-from evomerge.search.run import Budget, SearchError, SearchResult, load_checkpoint, run_search, write_json_atomic
+from evomerge.search.run import (
+    Budget,
+    Executor,
+    SearchError,
+    SearchResult,
+    load_checkpoint,
+    run_search,
+    write_json_atomic,
+)
 
 BUDGET_KEYS = ("generations", "max_seconds", "max_evaluations")  # may change on resume: a search can be extended
 KINDS = ("ps", "dfs", "ps_dfs")
@@ -81,7 +90,7 @@ def search_settings(cfg: DictConfig, pool: Pool) -> dict:
     """Everything that must match for a resumed run to be the same search."""
     search = {k: v for k, v in OmegaConf.to_container(cfg.search, resolve=True).items() if k not in BUDGET_KEYS}
     settings = {
-        "pool": {"base": pool.base, "models": list(pool.models)},
+        "pool": pool.identity,  # hub models by id and commit, zoo models by spec hash: resumes where the cache moved
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "search": search,
     }
@@ -100,33 +109,6 @@ def search_stages(cfg: DictConfig) -> list[tuple[DictConfig, ModuleType, int]]:
     if cfg.search.kind == "dfs":
         return [(cfg, dfs, n_models)]
     return [(stage_config(cfg, cfg.search.ps), ps, n_models), (stage_config(cfg, cfg.search.dfs), dfs, n_models + 1)]
-
-
-def check_executor(cfg: DictConfig) -> None:
-    """The executor's settings, as `make_executor` would refuse them, but before any model is loaded."""
-    settings = OmegaConf.select(cfg, "executor")
-    settings = OmegaConf.to_container(settings, resolve=True) if settings is not None else {}
-    kind = settings.pop("kind", "serial")
-    if kind == "serial":
-        return
-    if kind != "ray":
-        raise SearchError(f"executor.kind={kind!r}: use 'serial' or 'ray'")
-    unknown = set(settings) - EXECUTOR_KEYS
-    if unknown:
-        raise SearchError(f"executor=ray has no setting {min(unknown)!r}; known: {sorted(EXECUTOR_KEYS)}")
-    if importlib.util.find_spec("ray") is None:
-        raise SearchError("executor=ray needs Ray: pip install 'evomerge[ray]'")
-    limits = {"workers": (1, True, "need at least one worker"), "max_retries": (0, True, "must be 0 or more"),
-              "num_gpus": (0, False, "must be 0 or more"), "num_cpus": (1e-9, False, "must be positive"),
-              "startup_timeout_s": (1e-9, False, "must be positive (or null)")}
-    for key, (low, integer, what) in limits.items():
-        value = settings.get(key)
-        if key not in settings or (value is None and key == "startup_timeout_s"):  # the executor's default
-            continue
-        if value is None or isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            raise SearchError(f"executor.{key}={value!r}: expected {'an integer' if integer else 'a number'}")
-        if value < low:
-            raise SearchError(f"executor.{key}={value}: {what}")
 
 
 def plain_tasks(task: AnyTask) -> list[Task]:
@@ -175,7 +157,7 @@ def check_task(cfg: DictConfig, variables: dict[str, str], read: dict[str, dict[
 def preflight(cfg: DictConfig) -> dict:
     """Every check that needs no model, before the pool is fetched, built or loaded (see the module's doc)."""
     check_placement(cfg.device, cfg.dtype)
-    check_executor(cfg)
+    executor_settings(cfg)
     models = [str(model) for model in OmegaConf.select(cfg, "pool.models") or []]
     if not models:
         raise PoolError("the pool has no models; set pool.models=[...]")
@@ -202,44 +184,55 @@ def stage_config(cfg: DictConfig, search: DictConfig) -> DictConfig:
                              "search": OmegaConf.to_container(search, resolve=True)})
 
 
-def run_stage(cfg: DictConfig, pool: Pool, run_dir: Path, module: ModuleType) -> tuple[Any, SearchResult]:
-    """Build the problem `module` defines, run (or resume) its search in `run_dir`, plot its progress."""
+@contextlib.contextmanager
+def stage(cfg: DictConfig, pool: Pool, module: ModuleType) -> Iterator[tuple[Any, Callable[[], Any], Executor]]:
+    """`module`'s problem, its optimizer factory and the executor its candidates and held-out rows run on (with
+    executor=ray the problem here never loads the pool: the workers do)."""
     problem, make_optimizer = module.make_problem(cfg, pool)
+    executor = make_executor(cfg, problem, functools.partial(module.make_problem, cfg, pool))
+    try:
+        yield problem, make_optimizer, executor
+    finally:
+        executor.close()
+
+
+def search(cfg: DictConfig, pool: Pool, run_dir: Path, problem: Any, make_optimizer: Callable[[], Any],
+           executor: Executor) -> SearchResult:
+    """Run (or resume) the stage's search in `run_dir` and plot its progress."""
     if load_checkpoint(run_dir) is not None:
         print(f"resuming the search in {run_dir}")
     budget = Budget(int(cfg.search.generations), cfg.search.max_seconds, cfg.search.max_evaluations)
-    executor = make_executor(cfg, problem, functools.partial(module.make_problem, cfg, pool))
-    try:
-        result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget,
-                            executor=executor, progress=cfg.progress)
-    finally:
-        executor.close()
+    result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget,
+                        executor=executor, progress=cfg.progress)
     plot_fitness(result.history, run_dir / "fitness.png", cfg.search.objectives[0])
-    return problem, result
+    return result
 
 
 def ps_stage(cfg: DictConfig, pool: Pool, run_dir: Path) -> dict[str, Any]:
-    problem, result = run_stage(cfg, pool, run_dir, ps)
-    best = problem.decode(np.asarray(result.best["genome"]))
-    report = ps.held_out_report(cfg, pool, problem.merger, best)
-    report["search"] = {"kind": "ps", "evaluations": result.evaluations, "generations": len(result.history),
-                        "best_search_fitness": result.best["fitness"][0], "best_recipe": "best_recipe.yaml"}
-    return report
+    """The PS search, then its winner, the sources and the uniform baselines on test."""
+    with stage(cfg, pool, ps) as (problem, make_optimizer, executor):
+        result = search(cfg, pool, run_dir, problem, make_optimizer, executor)
+        best = problem.decode(np.asarray(result.best["genome"]))
+        rows = executor.report(ps.report_items(pool, best))
+    return {"split": "test", "objective": cfg.search.objectives[0], "task": problem.task.name, "rows": rows,
+            "search": {"kind": "ps", "evaluations": result.evaluations, "generations": len(result.history),
+                       "best_search_fitness": result.best["fitness"][0], "best_recipe": "best_recipe.yaml"}}
 
 
 def dfs_stage(cfg: DictConfig, pool: Pool, run_dir: Path, kind: str, name: str) -> dict[str, Any]:
     """The DFS search, its Pareto front (JSON + PNG) and the chosen path beside the pool's models on test."""
-    problem, result = run_stage(cfg, pool, run_dir, dfs)
     objective = cfg.search.objectives[0]
-    front = dfs.pareto_front(result.entries)
-    chosen_entry = dfs.choose(front, cfg.search.max_path_length)
-    chosen = problem.decode(np.asarray(chosen_entry["genome"]))
-    chosen.save(run_dir / "chosen_recipe.yaml")
-    write_json_atomic(run_dir / "pareto.json", dfs.front_summary(front, cfg.search.objectives))
-    plot_pareto(result.entries, front, chosen_entry, run_dir / "pareto.png", objective)
+    with stage(cfg, pool, dfs) as (problem, make_optimizer, executor):
+        result = search(cfg, pool, run_dir, problem, make_optimizer, executor)
+        front = dfs.pareto_front(result.entries)
+        chosen_entry = dfs.choose(front, cfg.search.max_path_length)
+        chosen = problem.decode(np.asarray(chosen_entry["genome"]))
+        chosen.save(run_dir / "chosen_recipe.yaml")
+        write_json_atomic(run_dir / "pareto.json", dfs.front_summary(front, cfg.search.objectives))
+        plot_pareto(result.entries, front, chosen_entry, run_dir / "pareto.png", objective)
+        rows = executor.report(dfs.report_items(pool, chosen, kind, name))
     return {
-        "split": "test", "objective": objective, "task": cfg.task.name,
-        "rows": dfs.held_out_rows(cfg, pool, problem, chosen, kind, name),
+        "split": "test", "objective": objective, "task": problem.task.name, "rows": rows,
         "search": {"kind": kind, "evaluations": result.evaluations, "generations": len(result.history),
                    "best_search_fitness": chosen_entry["fitness"][0], "objectives": list(cfg.search.objectives),
                    "pareto_front": "pareto.json", "pareto_size": len(front), "chosen_recipe": "chosen_recipe.yaml",
@@ -276,6 +269,7 @@ def search_command(cfg: DictConfig) -> dict:
         report = dfs_stage(cfg, pool, run_dir, "dfs", "DFS (chosen)")
     else:
         report = ps_dfs_pipeline(cfg, pool, run_dir)
+    ps.add_paired(report)
     report.update(record)  # generation, task_variables, data_sources: what every score in it was made with
     write_json_atomic(run_dir / "report.json", report)
     print(ps.format_rows(report))

@@ -9,6 +9,7 @@ than `search.max_path_length` -- is scored on the test split beside the sources.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,15 +20,15 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
 from evomerge.eval.evaluator import Evaluator, pool_evaluator
-from evomerge.eval.task import check_objectives, load_task
+from evomerge.eval.task import AnyTask, check_objectives, load_task
 from evomerge.merge import MergeError
-from evomerge.modelio import load_model
+from evomerge.modelio import load_model, read_config
 from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
 from evomerge.recipe import DFSRecipe
 from evomerge.search.genome import DFSGenomeSpace
 from evomerge.search.optimizer import NSGA2
-from evomerge.search.ps import report_row
+from evomerge.search.ps import ReportItem, report_row
 from evomerge.search.run import SearchError
 
 
@@ -35,14 +36,33 @@ PATH_METRICS = ("path_length", "path_fraction")  # what a candidate's path costs
 
 
 class DFSProblem:
-    """Genome -> layer path -> path model over the resident sources -> metrics on the search split."""
+    """Genome -> layer path -> path model over the resident sources -> metrics on the search split.
 
-    def __init__(self, space: DFSGenomeSpace, sources: Sequence[PreTrainedModel], evaluator: Evaluator,
-                 objectives: tuple[str, ...]):
-        self.space = space
-        self.sources = list(sources)
-        self.evaluator = evaluator
-        self.objectives = objectives
+    The sources are loaded on first use (or by `load`), so a driver whose candidates run on Ray workers decodes
+    genomes without holding them."""
+
+    def __init__(self, cfg: DictConfig, pool: Pool, space: DFSGenomeSpace, task: AnyTask):
+        self.cfg, self.pool, self.space, self.task = cfg, pool, space, task
+        self.objectives = tuple(cfg.search.objectives)
+        self._sources: list[PreTrainedModel] | None = None
+
+    def load(self) -> None:
+        """The sources into memory now (a worker does this as it starts, so its startup covers the load)."""
+        if self._sources is None:
+            self._sources = [load_model(path, dtype=self.cfg.dtype, device=self.cfg.device) for path in self.pool.models]
+
+    @property
+    def sources(self) -> list[PreTrainedModel]:
+        self.load()
+        return self._sources
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "search")
+
+    @functools.cached_property
+    def test_evaluator(self) -> Evaluator:
+        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "test")
 
     def decode(self, genome) -> DFSRecipe:
         return self.space.decode(genome)
@@ -59,18 +79,32 @@ class DFSProblem:
         metrics.update(path_length=length, path_fraction=round(length / self.space.slots, 6))
         return metrics, {"merge": round(built - started, 4), "eval": round(time.perf_counter() - built, 4)}
 
+    def report_row(self, item: ReportItem) -> dict[str, Any]:
+        """A source (resident already) or the chosen path, on the test split."""
+        model = self.sources[self.pool.models.index(item.source)] if item.recipe is None else self.model(item.recipe)
+        return report_row(self.test_evaluator, self.objectives[0], item, model)
 
-def load_sources(cfg: DictConfig, models: Sequence[str]) -> list[PreTrainedModel]:
-    return [load_model(path, dtype=cfg.dtype, device=cfg.device) for path in models]
+
+def block_counts(models: Sequence[str]) -> tuple[int, ...]:
+    """Each model's number of blocks, from its config (no weights read)."""
+    counts = []
+    for path in models:
+        config = read_config(path)
+        layers = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
+        if not isinstance(layers, int):
+            raise SearchError(f"model {path}: its config.json gives no num_hidden_layers, which a layer-path search "
+                              "needs (a decoder's stack of blocks)")
+        counts.append(layers)
+    return tuple(counts)
 
 
-def genome_space(cfg: DictConfig, models: Sequence[str], sources: Sequence[PreTrainedModel]) -> DFSGenomeSpace:
+def genome_space(cfg: DictConfig, models: Sequence[str]) -> DFSGenomeSpace:
     search = cfg.search
     if not 0 <= search.embed_from < len(models):
         raise SearchError(f"search.embed_from={search.embed_from}: the pool has {len(models)} models (0-based)")
     return DFSGenomeSpace(
         models=tuple(models),
-        layers=tuple(int(model.config.num_hidden_layers) for model in sources),
+        layers=block_counts(models),
         repeats=int(search.repeats),
         embed_from=int(search.embed_from),
         scale_range=tuple(search.scale_range),
@@ -96,15 +130,14 @@ def check_settings(search: DictConfig, n_models: int) -> None:
 
 
 def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
-    """The problem over the pool's models (in order; the PS+DFS pipeline puts the PS winner first)."""
+    """The problem over the pool's models (in order; the PS+DFS pipeline puts the PS winner first), its sources
+    loaded on first use, and its optimizer."""
     search = cfg.search
     check_settings(search, len(pool.models))
     task = load_task(cfg.task.name, pool.variables)
     check_objectives(search.objectives, task, extra=PATH_METRICS)
-    sources = load_sources(cfg, pool.models)
-    space = genome_space(cfg, pool.models, sources)
-    evaluator = pool_evaluator(task, cfg.task, pool.tokenizer_source, "search")
-    problem = DFSProblem(space, sources, evaluator, tuple(search.objectives))
+    space = genome_space(cfg, pool.models)
+    problem = DFSProblem(cfg, pool, space, task)
     initial = space.initial_population(int(search.popsize), int(search.seed), float(search.include_probability))
     optimizer = lambda: NSGA2(space.slots, space.blocks**2, len(search.objectives), seed=int(search.seed),  # noqa: E731
                               popsize=int(search.popsize), initial=initial)
@@ -141,12 +174,7 @@ def front_summary(front: Sequence[dict[str, Any]], objectives: Sequence[str]) ->
             for e in front]
 
 
-def held_out_rows(cfg: DictConfig, pool: Pool, problem: DFSProblem, chosen: DFSRecipe, kind: str,
-                  name: str) -> list[dict[str, Any]]:
-    """The pool's models and the chosen path on the test split, each with parameters and path length."""
-    evaluator = pool_evaluator(load_task(cfg.task.name, pool.variables), cfg.task, pool.tokenizer_source, "test")
-    objective = cfg.search.objectives[0]
-    rows = [report_row(evaluator, objective, label, "source", source, f"source:{path}")
-            for label, path, source in zip(pool.names, pool.models, problem.sources)]
-    rows.append(report_row(evaluator, objective, name, kind, problem.model(chosen), chosen.hash, chosen))
-    return rows
+def report_items(pool: Pool, chosen: DFSRecipe, kind: str, name: str) -> list[ReportItem]:
+    """The pool's models and the chosen path: the rows of a DFS search's held-out report."""
+    return [*(ReportItem(label, "source", source=path) for label, path in zip(pool.names, pool.models)),
+            ReportItem(name, kind, recipe=chosen)]

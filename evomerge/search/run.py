@@ -19,10 +19,13 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +44,40 @@ class SearchError(RuntimeError):
     """A search cannot start or go on; the message says why and what to do."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # what SLURM sends before a timeout or a preemption
+
+
+class Interrupted(BaseException):
+    """A scheduler's stop signal arrived: not an `Exception`, so no `except Exception` (evaluate_safely's) takes it
+    for a failed candidate; the run resumes from its last checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While a search runs, SIGTERM and SIGUSR2 raise Interrupted -- where nothing else handles them: submitit's own
+    handlers (checkpoint and requeue on SIGUSR2, ignore SIGTERM) are left in place."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    for signum, handler in previous.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class Recipe(Protocol):
     @property
     def hash(self) -> str: ...
@@ -56,6 +93,10 @@ class Problem(Protocol):
     def decode(self, genome: np.ndarray) -> Recipe: ...
 
     def evaluate(self, recipe: Recipe) -> tuple[dict[str, Any], dict[str, float]]: ...  # metrics, seconds
+
+    def load(self) -> None: ...  # what evaluating needs (the pool) into memory now, not on first use
+
+    def report_row(self, item: Any) -> dict[str, Any]: ...  # one row of the held-out report
 
 
 def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> list[float]:
@@ -78,17 +119,28 @@ class Outcome:
 
 def evaluate_safely(problem: Problem, recipe: Recipe) -> Outcome:
     """A bad candidate must not end a long search: its exception (a merge or evaluation error, NaN/inf weights,
-    logits or metrics, running out of memory) becomes a logged error and the candidate scores as failed."""
+    logits or metrics, running out of memory) becomes a logged error and the candidate scores as failed. A scheduler
+    stopping the job is no candidate's error: it goes up (Interrupted, SystemExit and KeyboardInterrupt are not
+    Exceptions; submitit's UncompletedJobError is, see _stops_the_job)."""
     try:
         metrics, seconds = problem.evaluate(recipe)
         return Outcome(metrics, seconds, fitness=tuple(objective_values(metrics, problem.objectives)))
     except Exception as exc:
+        if _stops_the_job(exc):
+            raise
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         out_of_memory = _is_out_of_memory(exc)
     if out_of_memory:  # outside the handler, so the traceback's frames (and their tensors) are gone
         _free_memory()
         error = f"out of memory: {error}"
     return Outcome({}, {}, error)
+
+
+def _stops_the_job(exc: Exception) -> bool:
+    """submitit's SIGUSR2 handler raises UncompletedJobError (a RuntimeError) where the candidate happens to be
+    when a job timed out once too often: the job ends, the candidate did not fail."""
+    submitit_utils = sys.modules.get("submitit.core.utils")  # not imported here: loaded only inside a submitit job
+    return submitit_utils is not None and isinstance(exc, submitit_utils.UncompletedJobError)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -111,11 +163,18 @@ class Executor(Protocol):
 
     def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]: ...
 
+    def report(self, items: Sequence[Any]) -> list[dict[str, Any]]: ...  # held-out report rows, in order
+
+    @property
+    def idle_share(self) -> float | None: ...  # of the last map: worker time idle at the barrier (None: no workers)
+
     def close(self) -> None: ...
 
 
 class SerialExecutor:
     """Every candidate in this process, one after the other, on the problem's resident pool."""
+
+    idle_share = None  # one process, no workers to leave idle
 
     def __init__(self, problem: Problem):
         self.problem = problem
@@ -123,6 +182,9 @@ class SerialExecutor:
     def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
         for recipe in recipes:
             yield evaluate_safely(self.problem, recipe)
+
+    def report(self, items: Sequence[Any]) -> list[dict[str, Any]]:
+        return [self.problem.report_row(item) for item in items]
 
     def close(self) -> None:
         pass
@@ -202,10 +264,26 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def _revision_change(a: Any, b: Any) -> tuple[str, str, str] | None:
+    """(hub id, its revision now, the run's) when the first difference of a and b is a hub model's revision alone
+    (a pool identity, `evomerge.pool.member_identity`), else None."""
+    pairs = zip(a, b) if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) else [(a, b)]
+    then, now = next(((x, y) for x, y in pairs if x != y), (None, None))
+    if (isinstance(then, Mapping) and isinstance(now, Mapping) and then.keys() == now.keys() == {"hub", "revision"}
+            and then["hub"] == now["hub"]):
+        return then["hub"], now["revision"], then["revision"]
+    return None
+
+
 def check_settings(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> None:
-    """Refuse to resume under different settings, naming the first one that differs."""
+    """Refuse to resume under different settings, naming the first one that differs (a pool model at another hub
+    revision: by its id and both revisions)."""
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
+        change = _revision_change(a, b)
+        if change is not None:
+            raise SearchError(f"cannot resume: {prefix}{key} {change[0]} is at revision {change[1]} now, "
+                              f"the run used {change[2]}")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             check_settings(a, b, f"{prefix}{key}.")
         elif a != b:
@@ -281,7 +359,43 @@ def run_search(
 
     executor = executor if executor is not None else SerialExecutor(problem)
     started = time.perf_counter() - state["elapsed_seconds"]
-    bar = tqdm(total=budget.generations, initial=state["generation"], desc="search", unit="gen", disable=not progress)
+    with _stop_signals(), Progress(budget.generations, state["generation"], progress) as shown:
+        _loop(run_dir, problem, optimizer, budget, executor, state, log, cache, started, shown)
+    if state["best"] is None:
+        raise SearchError(f"no candidate of {run_dir} was evaluated successfully; see the errors in log.jsonl")
+    return SearchResult(state["best"], state["history"], state["evaluations"], log.entries)
+
+
+class Progress:
+    """A progress bar on a terminal; elsewhere (a scheduler's log file) one plain line per generation, so a job's
+    log is not flooded with bar redraws."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.bar = tqdm(total=total, initial=done, desc="search", unit="gen",
+                        disable=not (enabled and sys.stderr.isatty()))
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.bar.close()
+
+    def update(self, state: Mapping[str, Any]) -> None:
+        best = f"{state['best']['fitness'][0]:.3f}" if state["best"] is not None else "none yet"
+        idle = state["history"][-1].get("idle_share") if state["history"] else None
+        if not self.bar.disable:
+            self.bar.update(1)
+            self.bar.set_postfix(best=best, **({"idle": f"{idle:.0%}"} if idle is not None else {}))
+        elif self.enabled:
+            print(f"search: generation {state['generation']}/{self.total}, {state['evaluations']} evaluations, "
+                  f"best {best}, {state['elapsed_seconds']:.0f}s"
+                  + (f", workers idle {idle:.0%} at the barrier" if idle is not None else ""), file=sys.stderr, flush=True)
+
+
+def _loop(run_dir: Path, problem: Problem, optimizer: Optimizer, budget: Budget, executor: Executor,
+          state: dict[str, Any], log: CandidateLog, cache: dict, started: float, shown: Progress) -> None:
+    """Generations until the budget is spent or the optimizer stops, each checkpointed as it ends."""
     while not budget.spent(state, time.perf_counter() - started) and not optimizer.done():
         genomes = optimizer.ask()
         fitness = []
@@ -294,19 +408,16 @@ def run_search(
                 problem.decode(np.asarray(entry["genome"])).save(run_dir / "best_recipe.yaml.tmp")
                 os.replace(run_dir / "best_recipe.yaml.tmp", run_dir / "best_recipe.yaml")
         optimizer.tell(genomes, fitness)
-        state["history"].append({"genomes": [g.tolist() for g in genomes], "fitness": fitness})
+        told = {"genomes": [g.tolist() for g in genomes], "fitness": fitness}
+        if executor.idle_share is not None:  # parallel workers: their time idle at this generation's barrier
+            told["idle_share"] = round(executor.idle_share, 4)
+        state["history"].append(told)
         state["generation"] += 1
         state["log_lines"] = len(log.entries)
         state["elapsed_seconds"] = time.perf_counter() - started
         _check_failures(log.entries)
         save_checkpoint(run_dir, state)
-        bar.update(1)
-        if state["best"] is not None:
-            bar.set_postfix(best=f"{state['best']['fitness'][0]:.3f}")
-    bar.close()
-    if state["best"] is None:
-        raise SearchError(f"no candidate of {run_dir} was evaluated successfully; see the errors in log.jsonl")
-    return SearchResult(state["best"], state["history"], state["evaluations"], log.entries)
+        shown.update(state)
 
 
 def _replay(optimizer: Optimizer, history: Sequence[Mapping[str, Any]]) -> None:

@@ -3,6 +3,12 @@
 A zoo lives in `<home>/zoo-<variant>-<hash>`, where the hash covers the whole spec, so changing the recipe builds a new
 zoo and an unchanged one is found again. Stages are written into `<dir>.partial/` and skipped when already there, so
 an interrupted build resumes; the directory is renamed into place only when the report is written.
+
+Concurrent builds of one zoo (several processes, or a search and `evomerge zoo` at once) are safe: a build holds the
+file lock `<dir>.lock` from start to rename, so only one process writes `<dir>.partial/`; the others wait (saying so
+in one line) and then find the finished zoo instead of building it again. A finished zoo (one with
+`zoo_report.json`) is never deleted; only an incomplete `<dir>` left by an older layout is, under the lock. On a
+local disk the lock is an OS lock (flock): a killed build releases it, and the next build resumes its `<dir>.partial/`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from transformers import MistralConfig, MistralForCausalLM
 
 from evomerge.eval.task import load_task
@@ -126,28 +133,49 @@ def reproducible_torch(threads: int = BUILD_THREADS) -> Iterator[None]:
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
 
 
+@contextlib.contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold `<final>.lock` for a whole build, so concurrent builds of one zoo never share `<final>.partial/` or
+    replace a zoo another process is reading; say so when another process holds it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(final.with_name(final.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process building {final} (lock {lock.lock_file})", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build_in_stages(
     final: Path, stages: Mapping[str, Callable[[Path], None]], report: Callable[[Path], dict], spec: dict
 ) -> Path:
     """Build a zoo in `<final>.partial`, stage by stage (a killed build resumes there: each stage skips what
-    it finished), then write `spec.json` and `zoo_report.json` (with each stage's seconds) and rename it."""
-    work = final.with_name(final.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    timings = {}
-    with reproducible_torch():
-        for name, stage in stages.items():
+    it finished), then write `spec.json` and `zoo_report.json` (with each stage's seconds) and rename it.
+    All under the build lock; a zoo another process finished while this one waited is returned as it is."""
+    with build_lock(final):
+        if (final / "zoo_report.json").is_file():
+            return final
+        work = final.with_name(final.name + ".partial")
+        work.mkdir(exist_ok=True)
+        timings = {}
+        with reproducible_torch():
+            for name, stage in stages.items():
+                started = time.perf_counter()
+                stage(work)
+                timings[name] = round(time.perf_counter() - started, 1)
             started = time.perf_counter()
-            stage(work)
-            timings[name] = round(time.perf_counter() - started, 1)
-        started = time.perf_counter()
-        result = report(work)
-        timings["report"] = round(time.perf_counter() - started, 1)
-    (work / "spec.json").write_text(json.dumps(spec, indent=2))
-    _write_json(work / "build.json", {"seconds": timings, "torch_threads": BUILD_THREADS})
-    _write_json(work / "zoo_report.json", result)  # no timings in it: two builds of one spec give the same bytes
-    if final.exists():  # a stale, incomplete directory from an older layout
-        shutil.rmtree(final)
-    work.rename(final)
+            result = report(work)
+            timings["report"] = round(time.perf_counter() - started, 1)
+        (work / "spec.json").write_text(json.dumps(spec, indent=2))
+        _write_json(work / "build.json", {"seconds": timings, "torch_threads": BUILD_THREADS})
+        _write_json(work / "zoo_report.json", result)  # no timings in it: two builds of one spec give the same bytes
+        if final.exists():  # a stale, incomplete directory from an older layout (no report: checked above)
+            shutil.rmtree(final)
+        work.rename(final)
     return final
 
 

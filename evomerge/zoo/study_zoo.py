@@ -11,7 +11,8 @@ first if it is not cached; nothing about the foundation changes). The study zoo 
 - `zoo_report.json`: every base and expert on every task (test split).
 
 Stages resume like the default zoo's: `<home>/zoo-study-<hash>.partial/`, renamed into place when the report is
-written. The hash covers the study spec and the foundation spec.
+written, and concurrent builds take turns on `<home>/zoo-study-<hash>.lock` the same way (the foundation has its own
+lock, released before the study zoo's is taken). The hash covers the study spec and the foundation spec.
 """
 
 from __future__ import annotations

@@ -46,6 +46,14 @@ class SyntheticProblem:
     def decode(self, genome) -> VectorRecipe:
         return VectorRecipe(tuple(round(float(v), 6) for v in genome))
 
+    def load(self) -> None:  # nothing to put in memory
+        pass
+
+    def report_row(self, recipe: VectorRecipe) -> dict:
+        """A held-out row: the candidate's score and the process that computed it."""
+        metrics, _ = self.evaluate(recipe)
+        return {"values": list(recipe.values), "score": metrics["score"], "pid": os.getpid()}
+
     def evaluate(self, recipe: VectorRecipe):
         self.calls += 1
         if self.calls - 1 == self.kill_at:
