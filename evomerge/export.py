@@ -229,6 +229,7 @@ class Scores:
 
     metrics: Mapping[str, Any]
     caption: str
+    paired: Sequence[Mapping[str, Any]] = ()  # the recipe against each source and baseline (report.json `paired`)
 
 
 def load_run(run_dir: Path) -> tuple[PSRecipe | DFSRecipe, Scores | None]:
@@ -259,7 +260,8 @@ def load_run(run_dir: Path) -> tuple[PSRecipe | DFSRecipe, Scores | None]:
         return recipe, None
     caption = (f"Scores of this recipe on the {report.get('split', 'test')} split of task `{report.get('task')}` "
                f"(fitness = `{report.get('objective')}`), from the search run's {RUN_REPORT}.")
-    return recipe, Scores(dict(best["metrics"]), caption)
+    paired = [entry for entry in report.get("paired", []) if entry.get("model") == best["name"]]
+    return recipe, Scores(dict(best["metrics"]), caption, paired)
 
 
 def export(source: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "cpu") -> Path:
@@ -290,7 +292,7 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False, devi
         else:
             model = export_path_model(recipe, staging / "model")
         if scores is not None:
-            (model / "README.md").write_text(model_card(recipe, scores.metrics, scores.caption))
+            (model / "README.md").write_text(model_card(recipe, scores.metrics, scores.caption, scores.paired))
         move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -92,7 +92,10 @@ def fake_run(tmp_path: Path, recipe: PSRecipe, *, recipe_hash: str | None = None
         {"name": "best (search)", "kind": "best", "metrics": {"fitness": 0.4375, "acc": 0.4375, "ja_rate": 0.8125},
          "recipe_hash": recipe_hash or recipe.hash},
     ]
-    report = {"split": "test", "objective": "acc", "task": "toy_two_skill", "rows": rows, "search": {}}
+    paired = [{"model": "best (search)", "against": "base", "kind": "source", "difference": 0.3125,
+               "ci95": [0.0625, 0.5625], "mcnemar_p": 0.0391, "better": 6, "worse": 1, "n": 16}]
+    report = {"split": "test", "objective": "acc", "task": "toy_two_skill", "rows": rows, "search": {},
+              "paired": paired}
     (run / "report.json").write_text(json.dumps(report))
     return run
 
@@ -114,6 +117,7 @@ def test_export_from_run_directory(tiny_checkpoints, tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert recipe.hash in card and "| acc | 0.4375 |" in card and "| ja_rate | 0.8125 |" in card
     assert "toy_two_skill" in card
+    assert "paired on the same 16 rows" in card and "| base | +0.3125 | [+0.0625, +0.5625] | 0.0391 | 6 / 1 |" in card
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
 
 

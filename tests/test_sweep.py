@@ -34,7 +34,10 @@ def _report(best_search: float, test: float, baselines=(0.5, 0.6)) -> dict:
     rows = [{"name": "base", "kind": "source", "metrics": {"fitness": 0.1}}]
     rows += [{"name": f"b{i}", "kind": "baseline", "metrics": {"fitness": v}} for i, v in enumerate(baselines)]
     rows += [{"name": "best (search)", "kind": "best", "metrics": {"fitness": test}}]
-    return {"split": "test", "rows": rows, "search": {"best_search_fitness": best_search}}
+    paired = [{"model": "best (search)", "against": f"b{i}", "kind": "baseline", "difference": round(test - v, 4),
+               "ci95": [round(test - v - 0.05, 4), round(test - v + 0.05, 4)], "mcnemar_p": 0.0123, "better": 9,
+               "worse": 2, "n": 40} for i, v in enumerate(baselines)]
+    return {"split": "test", "rows": rows, "search": {"best_search_fitness": best_search}, "paired": paired}
 
 
 def test_summary_rows_read_each_runs_report_and_the_table_shows_every_state(tmp_path):
@@ -60,10 +63,12 @@ def test_summary_rows_read_each_runs_report_and_the_table_shows_every_state(tmp_
     assert "no readable report.json" in rows[1]["error"]
     text = format_summary(rows, tmp_path)
     assert "5 runs (1 done, 2 failed, 1 running, 1 pending), all with merge=ties" in text
-    assert "| 0 | done | search.seed=0 | 0.810 | 0.750 | 0.600 | [" in text and "](0) | [log](0/cli.log) |" in text
+    assert rows[0]["vs_best_baseline"]["against"] == "b1"  # the best uniform merge's paired comparison
+    assert ("| 0 | done | search.seed=0 | 0.810 | 0.750 | 0.600 | +0.150 [+0.100, +0.200], p=0.0123 | [" in text
+            and "](0) | [log](0/cli.log) |" in text)
     assert "| 2 | failed: search.start='centre': use 'merge_defaults' or 'center' | search.seed=2 |" in text
     assert "| 3 | running on node7 (pid 42) | search.seed=3 |" in text
-    assert "| 4 | pending | search.seed=4 |  |  |  |  |  |" in text
+    assert "| 4 | pending | search.seed=4 |  |  |  |  |  |  |" in text
 
 
 def test_a_running_job_whose_process_is_gone_reads_as_killed():

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,9 +232,11 @@ def move_into_place(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def model_card(recipe: PSRecipe, scores: Mapping[str, object] | None = None, scores_caption: str = "") -> str:
+def model_card(recipe: PSRecipe, scores: Mapping[str, object] | None = None, scores_caption: str = "",
+               paired: Sequence[Mapping[str, Any]] = ()) -> str:
     """README for a merged model: method, sources and the full recipe; ``scores`` (metric -> value, e.g. the
-    search's test metrics) adds a table under ``scores_caption`` saying where they come from."""
+    search's test metrics) adds a table under ``scores_caption`` saying where they come from, and ``paired`` the
+    merge against each source and baseline on the same rows (`evomerge.eval.significance`)."""
     sources = "\n".join(f"- `{model}`" for model in recipe.models)
     if recipe.kind == "ps":
         how = f"Merged with **{recipe.method}** by evomerge. Base: {f'`{recipe.base}`' if recipe.base else 'none'}."
@@ -245,4 +248,11 @@ def model_card(recipe: PSRecipe, scores: Mapping[str, object] | None = None, sco
         rows = "".join(f"| {metric} | {value:.4f} |\n" if isinstance(value, float) else f"| {metric} | {value} |\n"
                        for metric, value in scores.items())
         card += f"## Scores\n\n{scores_caption}\n\n| metric | value |\n|---|---|\n{rows}\n"
+    if paired:
+        rows = "".join(f"| {e['against']} | {e['difference']:+.4f} | [{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}] | "
+                       f"{e['mcnemar_p']:.3g} | {e['better']} / {e['worse']} |\n" for e in paired)
+        card += (f"## Against the sources and baselines\n\nThis merge minus each model, paired on the same "
+                 f"{paired[0]['n']} rows: the difference with its bootstrap 95% interval, McNemar's exact p-value, and "
+                 "the rows only this merge / only the other model got right.\n\n| model | difference | 95% interval | "
+                 f"p | rows |\n|---|---|---|---|---|\n{rows}\n")
     return card + f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"

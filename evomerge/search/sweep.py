@@ -160,7 +160,7 @@ def summary_rows(jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each job with its best search score and test score, read from the run's report.json once it is done."""
     rows = []
     for job in jobs:
-        row = {**job, "best_search": None, "test": None, "best_baseline_test": None}
+        row = {**job, "best_search": None, "test": None, "best_baseline_test": None, "vs_best_baseline": None}
         if job["status"] == "done":
             try:
                 report = json.loads((Path(job["run_dir"]) / "report.json").read_text(encoding="utf-8"))
@@ -177,10 +177,13 @@ def summary_rows(jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def _scores(report: Mapping[str, Any]) -> dict[str, Any]:
     rows = report.get("rows") or []
     search = report.get("search") or {}
-    best = [r["metrics"]["fitness"] for r in rows if r.get("kind") not in ("source", "baseline")]
-    baselines = [r["metrics"]["fitness"] for r in rows if r.get("kind") == "baseline"]
-    return {"best_search": search.get("best_search_fitness"), "test": best[-1] if best else None,
-            "best_baseline_test": max(baselines) if baselines else None}
+    best = [r for r in rows if r.get("kind") not in ("source", "baseline")]
+    baselines = [r for r in rows if r.get("kind") == "baseline"]
+    top = max(baselines, key=lambda r: r["metrics"]["fitness"]) if baselines else None
+    paired = next((p for p in report.get("paired", []) if best and top and p["model"] == best[-1]["name"]
+                   and p["against"] == top["name"]), None)
+    return {"best_search": search.get("best_search_fitness"), "test": best[-1]["metrics"]["fitness"] if best else None,
+            "best_baseline_test": top["metrics"]["fitness"] if top else None, "vs_best_baseline": paired}
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> str:
@@ -193,8 +196,9 @@ def format_summary(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> str:
                        if counts[state])
     lines = [f"sweep {sweep_dir}: {len(rows)} runs" + (f" ({states})" if states else "")
              + (f", all with {' '.join(shared)}" if shared else ""), "",
-             "| # | state | overrides | best search | test | best uniform (test) | run directory | log |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| # | state | overrides | best search | test | best uniform (test) | test − best uniform [95% CI], McNemar p "
+             "| run directory | log |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         varying = " ".join(o for o in row["overrides"] if o not in shared) or "(none)"
         state = row["status"]
@@ -204,8 +208,11 @@ def format_summary(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> str:
             state = f"{state}: {row['error']}"
         run = _link(_relative(row["run_dir"]), row["run_dir"], sweep_dir) if row.get("run_dir") else ""
         logs = " ".join(_link(Path(log).suffix.lstrip(".") or "log", log, sweep_dir) for log in row.get("logs", []))
+        paired = row.get("vs_best_baseline")
+        versus = (f"{paired['difference']:+.3f} [{paired['ci95'][0]:+.3f}, {paired['ci95'][1]:+.3f}], "
+                  f"p={paired['mcnemar_p']:.3g}") if paired else ""
         cells = [str(row["num"]), state.replace("|", "\\|"), varying, _number(row["best_search"]),
-                 _number(row["test"]), _number(row["best_baseline_test"]), run, logs]
+                 _number(row["test"]), _number(row["best_baseline_test"]), versus, run, logs]
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
