@@ -11,8 +11,13 @@ what differs.  Each note was checked against mergekit 0.1.5's code: linear, task
 k = int(density * numel) entries, the same sign election and normalisation) and slerp (whole-tensor norms and
 dot product, the same eps and linear fallback) compute what evomerge computes.
 
-A data-flow (DFS) recipe exports as its YAML and a path-model directory (each used block stored once, plus
-the hops; `evomerge.modelio.load_model` walks it); mergekit has no input-scaled layer paths, so no config.
+A data-flow (DFS) recipe exports as its YAML and, by default, its path unrolled into a plain checkpoint of the
+embedding owner's architecture (one layer per hop, input scales folded into the weights:
+`evomerge.pathmodel.unroll_path_model`), which transformers or vLLM load without evomerge.  Where the folding
+is not exact (a scale <= 0, an architecture that is not pre-norm RMSNorm), or with ``dfs_format="path"``, it is
+evomerge's path format instead (each used block stored once, plus the hops; only `evomerge.modelio.load_model`
+runs it right), with an `ExportWarning` when it was a fallback.  mergekit has no input-scaled layer paths, so
+no config.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ from evomerge.merge import MergeError
 from evomerge.merge.groups import assign_groups, tensor_place
 from evomerge.merge.stream import merge_to_disk, model_card, move_into_place
 from evomerge.modelio import DTYPES, CheckpointReader, load_model, load_tokenizer
-from evomerge.pathmodel import recipe_path_model, save_path_model
+from evomerge.pathmodel import recipe_path_model, save_path_model, unroll_obstacle, unroll_path_model
 from evomerge.pool import check_placement
 from evomerge.recipe import DFSRecipe, PSRecipe, load_recipe
 
 RUN_RECIPE = "best_recipe.yaml"
 DFS_RUN_RECIPE = "chosen_recipe.yaml"  # a DFS run exports its chosen point (best within the path-length limit)
 RUN_REPORT = "report.json"
+DFS_FORMATS = ("unrolled", "path")  # a plain checkpoint with the scales folded in; evomerge's blocks + hops
 _NO_MERGEKIT_TWIN = ("fisher", "regmean")  # exported as the weighted average evomerge falls back to
 
 
@@ -264,14 +270,18 @@ def load_run(run_dir: Path) -> tuple[PSRecipe | DFSRecipe, Scores | None]:
     return recipe, Scores(dict(best["metrics"]), caption, paired)
 
 
-def export(source: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "cpu") -> Path:
+def export(source: str | Path, out: str | Path, *, overwrite: bool = False, device: str = "cpu",
+           dfs_format: str = "unrolled") -> Path:
     """Write ``out/recipe.yaml``, ``out/mergekit.yaml`` and the merged model ``out/model/`` from a search run
     directory (its best recipe; the model card gets its test scores) or a recipe YAML file.
 
     Everything is staged next to ``out`` and renamed into place when complete, so a failed export leaves
     ``out`` as it was.  Differences between the mergekit config and evomerge's merge are `ExportWarning`s.
-    ``device``: where the model is merged (tensor by tensor, through host memory).
+    ``device``: where the model is merged (tensor by tensor, through host memory).  ``dfs_format``: how a DFS
+    recipe's model is written, one of `DFS_FORMATS` (see `export_path_model`).
     """
+    if dfs_format not in DFS_FORMATS:
+        raise ExportError(f"dfs_format must be one of {list(DFS_FORMATS)}, got {dfs_format!r}")
     source, out = Path(source), Path(out)
     if source.is_dir():
         recipe, scores = load_run(source)
@@ -284,37 +294,68 @@ def export(source: str | Path, out: str | Path, *, overwrite: bool = False, devi
     mergekit_text, notes = mergekit_yaml(recipe) if isinstance(recipe, PSRecipe) else (None, [])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    fallback = None
     try:
         recipe.save(staging / "recipe.yaml")
+        model = staging / "model"
         if mergekit_text is not None:
             (staging / "mergekit.yaml").write_text(mergekit_text)
-            model = merge_to_disk(recipe, staging / "model", device=device)
+            merge_to_disk(recipe, model, device=device)  # with a card that has no scores
+            section = None
         else:
-            model = export_path_model(recipe, staging / "model")
-        if scores is not None:
-            (model / "README.md").write_text(model_card(recipe, scores.metrics, scores.caption, scores.paired))
+            fallback = export_path_model(recipe, model, dfs_format)
+            written = "path" if dfs_format == "path" or fallback is not None else "unrolled"
+            section = path_format_section(model, written, fallback)
+        if scores is not None or section is not None:
+            card = model_card(recipe, scores.metrics, scores.caption, scores.paired) if scores else model_card(recipe)
+            (model / "README.md").write_text(card + (section or ""))
         move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for note in notes:
         warnings.warn(f"mergekit.yaml is not exact: {note}", ExportWarning, stacklevel=2)
+    if fallback is not None:
+        warnings.warn(f"the layer path is written in evomerge's path format, which only evomerge runs right: "
+                      f"{fallback}", ExportWarning, stacklevel=2)
     return out
 
 
-def export_path_model(recipe: DFSRecipe, out: Path) -> Path:
-    """The recipe's path model over its sources, saved with each used block once, plus its tokenizer; in the
-    owner checkpoint's dtype (as a merged model keeps its reference's), else float32."""
+def path_format_section(model: Path, written: str, fallback: str | None) -> str:
+    """The model card's word on how a DFS model is stored, since a plain loader runs only one of the formats right."""
+    architecture = json.loads((model / "config.json").read_text())["architectures"][0]
+    if written == "unrolled":
+        return (f"\n## Format\n\nUnrolled: a plain `{architecture}` checkpoint whose layer k is hop k of the path "
+                "(a block used twice is stored twice), the hops' input scales folded into each layer's `o_proj` and "
+                "`down_proj`. transformers, vLLM and other loaders run it as it is, without evomerge.\n")
+    why = f" (not unrolled: {fallback})" if fallback is not None else ""
+    return (f"\n## Format\n\nevomerge's layer-path format{why}: each used block stored once as a `{architecture}` "
+            f"layer, plus `evomerge_path.json` with the hops and their input scales. Load it with "
+            "`evomerge.modelio.load_model`: other loaders (transformers, vLLM) would run each stored block once, in "
+            "storage order, unscaled.\n")
+
+
+def export_path_model(recipe: DFSRecipe, out: Path, dfs_format: str = "unrolled") -> str | None:
+    """The recipe's path model over its sources, plus the owner's tokenizer, in the owner checkpoint's dtype (as
+    a merged model keeps its reference's), else float32: unrolled into a plain checkpoint (``"unrolled"``) or in
+    evomerge's path format (``"path"``).  Returns why an unrolled export fell back to the path format (folding
+    the scales would not be exact), else None."""
     stored = CheckpointLayout.read(recipe.models[recipe.embed_from]).float_dtypes
     dtype = stored[0] if len(stored) == 1 and stored[0] in DTYPES else "float32"
     sources = [load_model(path, dtype=dtype) for path in recipe.models]
-    save_path_model(recipe_path_model(recipe, sources), out, {"recipe": recipe.to_dict()})
+    path_model = recipe_path_model(recipe, sources)
+    fallback = unroll_obstacle(path_model) if dfs_format == "unrolled" else None
+    if dfs_format == "unrolled" and fallback is None:
+        unroll_path_model(path_model).save_pretrained(out, safe_serialization=True)
+    else:
+        save_path_model(path_model, out, {"recipe": recipe.to_dict()})
     load_tokenizer(recipe.models[recipe.embed_from]).save_pretrained(out)
-    return out
+    return fallback
 
 
 def export_command(cfg: DictConfig) -> Path:
-    """`evomerge export run=<run dir> out=<dir>` or `evomerge export recipe=<file> out=<dir>` [overwrite=true]."""
+    """`evomerge export run=<run dir> out=<dir>` or `evomerge export recipe=<file> out=<dir>` [overwrite=true]
+    [dfs_format=path]."""
     run, recipe, out = (OmegaConf.select(cfg, key) for key in ("run", "recipe", "out"))
     if bool(run) == bool(recipe):
         raise ExportError("export needs exactly one of run=<search run directory> or recipe=<recipe.yaml>")
@@ -329,7 +370,7 @@ def export_command(cfg: DictConfig) -> Path:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
         written = export(run or recipe, out, overwrite=bool(OmegaConf.select(cfg, "overwrite", default=False)),
-                         device=device)
+                         device=device, dfs_format=OmegaConf.select(cfg, "dfs_format", default=None) or "unrolled")
     for warning in caught:
         if issubclass(warning.category, ExportWarning):
             print(f"evomerge export: warning: {warning.message}", file=sys.stderr)

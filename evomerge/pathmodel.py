@@ -8,8 +8,12 @@ pool; and since nothing stands between transformers and its layers, its own KV c
 line up on every version (a block that runs twice is two layers, with two cache slots). HF `generate`, hence the
 evaluator's batched generator, runs on it unchanged.
 
-A path model is saved as an ordinary HF checkpoint holding each used block once (as layers 0..K-1 of the
-owner's architecture) plus `evomerge_path.json` with the hops; `load_path_model` rebuilds the path.
+A path model is saved in one of two forms. `unroll_path_model` makes it a plain model of the owner's
+architecture -- one stored layer per hop, the input scales folded into the weights -- that transformers or vLLM
+load with no evomerge code; it exists where the folding is exact (see there). `save_path_model` stores each used
+block once (as layers 0..K-1 of the owner's architecture) plus `evomerge_path.json` with the hops, which only
+`load_path_model` (hence `evomerge.modelio.load_model`) runs right: any other loader would run each stored block
+once, in storage order, unscaled.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ PATH_VERSION = 1
 # Config fields that must agree for blocks of different models to be chained on one residual stream.
 SHAPE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "vocab_size", "rope_parameters", "rope_theta", "rms_norm_eps", "hidden_act")
+# Model types whose decoder layer is `h = x + attn(rmsnorm(x)); h + mlp(rmsnorm(h))` and whose model neither
+# scales the embeddings nor normalises a branch's output (checked in transformers' modeling code): input
+# scales fold into their weights. Gemma, for one, normalises branch outputs and scales its embeddings.
+FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")  # the last linear map of each residual branch
 
 
 class PathModelError(MergeError):
@@ -172,6 +181,77 @@ def save_path_model(model: PreTrainedModel, out: str | Path, extra: dict[str, An
                          for layer in hops], **(extra or {})}
     (out / PATH_FILE).write_text(json.dumps(document, indent=1))
     return out
+
+
+def unroll_obstacle(model: PreTrainedModel) -> str | None:
+    """Why `unroll_path_model` cannot make `model` (a path model) a plain model computing the same function;
+    None when it can. Unscaled paths always unroll (the blocks are copied as they are)."""
+    layers = model.base_model.layers
+    scales = [float(layer.path_hop.scale) for layer in layers]
+    if all(scale == 1.0 for scale in scales):
+        return None
+    model_type = model.config.model_type
+    if model_type not in FOLDABLE_MODEL_TYPES:
+        return (f"{model_type} is not one of the pre-norm RMSNorm architectures {list(FOLDABLE_MODEL_TYPES)} whose "
+                "input scales fold into the weights")
+    for index, scale in enumerate(scales):
+        if scale <= 0:
+            return f"hop {index} scales its input by {scale:g}; only positive scales pass through RMSNorm unchanged"
+    for index, layer in enumerate(layers):
+        modules = dict(layer.named_modules())
+        for name in BRANCH_OUTPUTS:
+            if not isinstance(modules.get(name), nn.Linear):
+                return f"hop {index} has no linear {name} to fold its scale into"
+    return None
+
+
+def unroll_path_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain model of the owner's class and full config (only `num_hidden_layers` and `layer_types` per hop
+    changed) whose layer k holds hop k's block -- a block used twice is held twice -- with the input scales
+    folded into the weights, so it needs no hook and loads with transformers alone. Shares the embeddings, final
+    norm, head and the blocks that need no copy with `model`; save it with `save_pretrained`.
+
+    The folding. Hop k turns its input stream h into s_k*h and adds the outputs of its two branches,
+    A(x) = o_proj(attn(rmsnorm(x))) and M(x) = down_proj(mlp(rmsnorm(x))). RMSNorm ignores a positive factor c of
+    its input: rmsnorm(c*x) = rmsnorm(x) (exactly when eps = 0). So with P_k = s_1*...*s_k, the stream kept in
+    units of P_k, g_k = h_k / P_k, obeys g_k = g + A(g)/P_k + M(g + A(g)/P_k)/P_k with g = g_{k-1}: an
+    unscaled layer whose o_proj and down_proj (weights and biases) are divided by P_k. g_0 = h_0, so the
+    embeddings stay; the final norm sees g_K = h_K / P_K, which it ignores, so it and the head stay too.
+    Exact for every scale > 0 up to RMSNorm's eps: the folded model normalises g by sqrt(mean(g^2) + eps) where
+    the path model effectively used sqrt(mean(g^2) + eps / P_k^2), a relative difference of about
+    |1 - 1/P_k^2| * eps / (2 * mean(g^2)) per norm -- ~1e-6 * |1 - 1/P_k^2| for streams of unit mean square.
+    The folded weights are computed in float64 and rounded once to their dtype.
+    """
+    obstacle = unroll_obstacle(model)
+    if obstacle is not None:
+        raise PathModelError(f"the layer path cannot be unrolled exactly: {obstacle}")
+    layers = list(model.base_model.layers)
+    plain = _shell(model, getattr(model.config, "layer_types", None), len(layers))
+    held: set[int] = set()  # tensors already in `plain`: a second use of a block stores a copy
+    product = 1.0  # P_k
+    for target, layer in zip(plain.base_model.layers, layers):
+        product *= float(layer.path_hop.scale)
+        _borrow(target, layer)
+        for name, module in target.named_modules():
+            fold = name in BRANCH_OUTPUTS and product != 1.0
+            for key, parameter in module._parameters.items():
+                if parameter is None:
+                    continue
+                if fold:
+                    data = (parameter.detach().double() / product).to(parameter.dtype)
+                elif id(parameter) in held:
+                    data = parameter.detach().clone()
+                else:
+                    held.add(id(parameter))
+                    continue
+                module._parameters[key] = nn.Parameter(data, requires_grad=parameter.requires_grad)
+            for key, buffer in module._buffers.items():
+                if buffer is not None and id(buffer) in held:
+                    module._buffers[key] = buffer.clone()
+                elif buffer is not None:
+                    held.add(id(buffer))
+    _check_nothing_left_on_meta(plain)
+    return plain.eval()
 
 
 def is_path_model_dir(path: str | Path) -> bool:

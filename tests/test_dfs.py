@@ -3,12 +3,15 @@ the PS+DFS pipeline on the micro zoo, export and loading back."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 
 from evomerge.cli import main
 from evomerge.eval.generate import cache_keyword, returned_cache
@@ -20,8 +23,9 @@ from evomerge.pathmodel import (
     save_path_model,
     unique_parameters,
 )
-from evomerge.recipe import DFSRecipe, Hop, RecipeError, load_recipe
-from evomerge.search.dfs import choose, pareto_front
+from evomerge.pool import resolve_pool
+from evomerge.recipe import DFSRecipe, Hop, PSRecipe, RecipeError, load_recipe
+from evomerge.search.dfs import choose, make_problem, over_length, pareto_front
 from evomerge.search.genome import DFSGenomeSpace
 from evomerge.search.optimizer import NSGA2
 
@@ -107,6 +111,36 @@ def test_nsga2_is_deterministic_and_mixes_binary_and_real_coordinates():
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     assert all(set(np.unique(g[:12])) <= {0.0, 1.0} for g in first)
     assert len({round(float(v), 9) for g in first for v in g[12:]}) > 2  # the scales evolve
+
+
+def _survivors(optimizer: NSGA2) -> list[np.ndarray]:
+    """The genomes of pymoo's current population: NSGA-II's survivors (the wrapper exposes no population)."""
+    return [optimizer._from_pymoo(x) for x in optimizer._algorithm.pop.get("X")]
+
+
+def _feasible_first(survivors, told, length, limit) -> bool:
+    """Constraint dominance as survival: a path over the limit survives only while every path within it told so
+    far still does (none was dropped for it); once paths within the limit fill the population, only they stay."""
+    kept = {tuple(g) for g in survivors}
+    return all(length(g) <= limit for g in survivors) or all(tuple(g) in kept for g in told if length(g) <= limit)
+
+
+def test_nsga2_with_a_length_constraint_keeps_paths_within_it_over_longer_ones():
+    """The fitness rewards long paths; `violation` (path length over 3) makes them infeasible, so they survive
+    only where too few paths within the limit were found -- and not at all once enough were."""
+    space = DFSGenomeSpace(("a", "b"), (2, 2), repeats=3)
+    limit, told = 3, []
+    length = lambda genome: len(space.decode(genome).path)  # noqa: E731
+    optimizer = NSGA2(space.slots, 16, 2, seed=3, popsize=6,
+                      initial=space.initial_population(6, seed=3, include_probability=0.4),
+                      violation=functools.partial(over_length, space, limit))
+    for _ in range(8):
+        asked = optimizer.ask()
+        optimizer.tell(asked, [[float(g[:12].sum()), float(g[12:].mean())] for g in asked])
+        told += asked
+        assert _feasible_first(_survivors(optimizer), told, length, limit)
+    assert any(length(g) > limit for g in told)  # the search did try longer paths
+    assert all(length(g) <= limit for g in _survivors(optimizer))
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +274,9 @@ def test_pareto_front_and_the_chosen_point_within_a_length_limit():
     assert choose(front, 4)["index"] == 0
     with pytest.raises(Exception, match="at most search.max_path_length=1"):
         choose(front, 1)
+    # paths over the limit do not count: 6 (0.7, 5 blocks) would join the front and be chosen; 4 blocks are allowed
+    limited = pareto_front([*entries, _entry(6, 0.7, 5)], max_path_length=4)
+    assert [e["index"] for e in limited] == [0, 3] and choose(limited, 4)["index"] == 0
 
 
 def _search(home: Path, run_dir: Path, *overrides: str) -> None:
@@ -296,3 +333,57 @@ def test_ps_dfs_puts_the_ps_winner_first_and_reports_both(micro_zoo_home, tmp_pa
     before = _log(run / "dfs")
     _search(micro_zoo_home, tmp_path / "again", *stages, f"resume={run}")  # both stages done: nothing reruns
     assert _log(run / "dfs") == before
+
+
+def test_dfs_search_under_a_length_limit_keeps_allowed_paths_and_resumes_exactly(micro_zoo_home, tmp_path):
+    """search.max_path_length constrains the search itself: with objectives rewarding long paths, the final
+    population (rebuilt from the checkpoint by replay, as a resume rebuilds it) keeps paths within the limit over
+    longer ones; a run split and resumed writes the same log."""
+    dfs = ["search=dfs_nsga2", "search.popsize=4", "search.repeats=2", "search.objectives=[score,path_fraction]",
+           "search.max_path_length=2"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    _search(micro_zoo_home, full, *dfs, "search.generations=4")
+    _search(micro_zoo_home, split, *dfs, "search.generations=2")
+    _search(micro_zoo_home, tmp_path / "resumer", *dfs, "search.generations=4", f"resume={split}")
+    assert _log(split) == _log(full) and len(_log(full)) >= 12
+    assert len(load_recipe(full / "chosen_recipe.yaml").path) <= 2
+
+    cfg = OmegaConf.load(full / "config.yaml")
+    problem, make_optimizer = make_problem(cfg, resolve_pool(cfg))
+    optimizer = make_optimizer()
+    for told in json.loads((full / "checkpoint.json").read_text())["history"]:
+        optimizer.tell(optimizer.ask(), told["fitness"])
+    told = [np.asarray(entry["genome"]) for entry in _log(full)]
+    length = lambda genome: len(problem.decode(genome).path)  # noqa: E731
+    assert any(length(g) > 2 for g in told)  # longer paths were tried (and rewarded)
+    assert _feasible_first(_survivors(optimizer), told, length, 2)
+
+
+def test_ps_dfs_merges_a_changed_ps_winner_and_refuses_a_dfs_stage_over_the_old_one(micro_zoo_home, tmp_path, capsys):
+    """A resumed PS stage with a new winner: `ps/merged` must not keep the old one, nor may the DFS stage that
+    searched paths over the old merge continue over the new; once that stage is moved away, the winner is merged
+    and DFS searches afresh."""
+    run, merged = tmp_path / "run", tmp_path / "run" / "ps" / "merged"
+    stages = ["search=ps_dfs", "search.ps.popsize=4", "search.ps.generations=1", "search.dfs.popsize=4",
+              "search.dfs.generations=1", "search.dfs.repeats=1"]
+    _search(micro_zoo_home, run, *stages)
+    weights = (merged / "model.safetensors").read_bytes()
+    _search(micro_zoo_home, tmp_path / "same", *stages, f"resume={run}")  # the same winner: its merge is kept
+    assert (merged / "model.safetensors").read_bytes() == weights
+    # The micro zoo scores every PS candidate 0, so a longer PS budget never changes its winner: stand in another.
+    data = yaml.safe_load((run / "ps" / "best_recipe.yaml").read_text())
+    data["groups"][0]["weight"][0] = 0.5
+    winner = PSRecipe.from_dict(data)
+    winner.save(run / "ps" / "best_recipe.yaml")
+    dfs_log = _log(run / "dfs")
+    with pytest.raises(SystemExit):
+        _search(micro_zoo_home, tmp_path / "refused", *stages, "search.ps.generations=2", f"resume={run}")
+    error = capsys.readouterr().err
+    assert "the PS winner changed" in error and f"move {run / 'dfs'} away" in error
+    assert (merged / "model.safetensors").read_bytes() == weights and _log(run / "dfs") == dfs_log
+
+    (run / "dfs").rename(tmp_path / "old_dfs")
+    _search(micro_zoo_home, tmp_path / "again", *stages, "search.ps.generations=2", f"resume={run}")
+    assert PSRecipe.load(merged / "evomerge_recipe.yaml").hash == winner.hash
+    assert (merged / "model.safetensors").read_bytes() != weights
+    assert len(_log(run / "dfs")) == 4 and load_recipe(run / "dfs" / "chosen_recipe.yaml").models[0] == str(merged)

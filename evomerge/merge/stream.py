@@ -242,7 +242,7 @@ def model_card(recipe: PSRecipe, scores: Mapping[str, object] | None = None, sco
         how = f"Merged with **{recipe.method}** by evomerge. Base: {f'`{recipe.base}`' if recipe.base else 'none'}."
     else:
         how = (f"A **layer path** of {len(recipe.path)} blocks (data-flow merge) by evomerge; embeddings and head "
-               f"from model {recipe.embed_from}. Load it with `evomerge.modelio.load_model`.")
+               f"from model {recipe.embed_from}; how to load it: see Format below.")
     card = f"---\ntags: [merge, evomerge]\n---\n\n# evomerge merge {recipe.hash}\n\n{how}\n\nModels:\n{sources}\n\n"
     if scores:
         rows = "".join(f"| {metric} | {value:.4f} |\n" if isinstance(value, float) else f"| {metric} | {value} |\n"

@@ -224,7 +224,7 @@ def dfs_stage(cfg: DictConfig, pool: Pool, run_dir: Path, kind: str, name: str) 
     objective = cfg.search.objectives[0]
     with stage(cfg, pool, dfs) as (problem, make_optimizer, executor):
         result = search(cfg, pool, run_dir, problem, make_optimizer, executor)
-        front = dfs.pareto_front(result.entries)
+        front = dfs.pareto_front(result.entries, cfg.search.max_path_length)
         chosen_entry = dfs.choose(front, cfg.search.max_path_length)
         chosen = problem.decode(np.asarray(chosen_entry["genome"]))
         chosen.save(run_dir / "chosen_recipe.yaml")
@@ -240,12 +240,29 @@ def dfs_stage(cfg: DictConfig, pool: Pool, run_dir: Path, kind: str, name: str) 
     }
 
 
+def merged_ps_winner(run_dir: Path) -> Path:
+    """`<run>/ps/merged`, holding the PS winner (`ps/best_recipe.yaml`). A resumed PS stage with a larger budget
+    may have found another winner: the recipe merge_to_disk wrote beside the weights says which one is merged, and
+    a different one is merged anew (staged, then renamed over the old). Not under a DFS stage that has started,
+    though: it searched paths over the old merge (at the same path, so its checkpoint and cached candidates could
+    not tell), and must not continue over another model -- the run is refused until that stage is moved away."""
+    winner = PSRecipe.load(run_dir / "ps" / "best_recipe.yaml")
+    merged, dfs_dir = run_dir / "ps" / "merged", run_dir / "dfs"
+    if merged.is_dir():  # merge_to_disk stages and renames, so a directory that exists is complete
+        was = PSRecipe.load(merged / "evomerge_recipe.yaml").hash
+        if was == winner.hash:
+            return merged
+        if load_checkpoint(dfs_dir) is not None:
+            raise SearchError(f"cannot resume: the PS winner changed ({was} -> {winner.hash}) after the DFS stage "
+                              f"searched paths over it; move {dfs_dir} away to search paths over the new winner")
+    merge_to_disk(winner, merged, overwrite=True)
+    return merged
+
+
 def ps_dfs_pipeline(cfg: DictConfig, pool: Pool, run_dir: Path) -> dict[str, Any]:
     """EvoLLM's route: the PS winner joins the pool as its first model, then DFS searches paths over it."""
     ps_report = ps_stage(stage_config(cfg, cfg.search.ps), pool, run_dir / "ps")
-    merged = run_dir / "ps" / "merged"
-    if not merged.is_dir():  # merge_to_disk stages and renames, so a directory that exists is complete
-        merge_to_disk(PSRecipe.load(run_dir / "ps" / "best_recipe.yaml"), merged)
+    merged = merged_ps_winner(run_dir)
     dfs_pool = Pool(pool.base, (str(merged), *pool.models), ("ps_winner", *pool.names), pool.variables)
     dfs_report = dfs_stage(stage_config(cfg, cfg.search.dfs), dfs_pool, run_dir / "dfs", "ps_dfs", "PS+DFS (chosen)")
     chosen = [row for row in dfs_report["rows"] if row["kind"] == "ps_dfs"]

@@ -2,9 +2,10 @@
 
 The pool's models (not its base) stay resident; each candidate is a path model over their blocks (no copies),
 scored on the task's search split. Objectives are metric names, maximised, "-" minimising: by default the
-task score against `path_fraction` (path length / T, the inference cost). After the search, the Pareto front
-of everything evaluated is written, and the chosen point -- the best primary objective among paths no longer
-than `search.max_path_length` -- is scored on the test split beside the sources.
+task score against `path_fraction` (path length / T, the inference cost). `search.max_path_length` is a
+constraint of the search (paths within it survive before longer ones) and limits the final choice: after the
+search, the Pareto front of everything evaluated is written, and the chosen point -- the best primary objective
+among paths no longer than the limit -- is scored on the test split beside the sources.
 """
 
 from __future__ import annotations
@@ -139,16 +140,26 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
     space = genome_space(cfg, pool.models)
     problem = DFSProblem(cfg, pool, space, task)
     initial = space.initial_population(int(search.popsize), int(search.seed), float(search.include_probability))
+    limit = search.max_path_length
+    violation = None if limit is None else functools.partial(over_length, space, int(limit))
     optimizer = lambda: NSGA2(space.slots, space.blocks**2, len(search.objectives), seed=int(search.seed),  # noqa: E731
-                              popsize=int(search.popsize), initial=initial)
+                              popsize=int(search.popsize), initial=initial, violation=violation)
     return problem, optimizer
 
 
-def pareto_front(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The non-dominated successful candidates (each recipe once), ordered by the primary objective."""
+def over_length(space: DFSGenomeSpace, max_path_length: int, genome: np.ndarray) -> float:
+    """NSGA-II's constraint under `search.max_path_length` (<= 0 feasible): the blocks a genome's path has over
+    the limit. The genome alone gives it, so the search steers towards allowed paths at no evaluation's cost."""
+    return float(len(space.decode(genome).path) - max_path_length)
+
+
+def pareto_front(entries: Sequence[dict[str, Any]], max_path_length: int | None = None) -> list[dict[str, Any]]:
+    """The non-dominated successful candidates within the length limit (each recipe once), ordered by the primary
+    objective: a path over the limit must not push the allowed ones off the front."""
     unique = {}
     for entry in entries:
-        if entry["error"] is None and not entry["cached"]:
+        within = max_path_length is None or entry["metrics"]["path_length"] <= max_path_length
+        if entry["error"] is None and not entry["cached"] and within:
             unique.setdefault(entry["recipe_hash"], entry)
     candidates = list(unique.values())
     if not candidates:
@@ -162,8 +173,8 @@ def choose(front: Sequence[dict[str, Any]], max_path_length: int | None) -> dict
     """The best primary objective among paths within the length limit (shorter, then earlier, on ties)."""
     allowed = [e for e in front if max_path_length is None or e["metrics"]["path_length"] <= max_path_length]
     if not allowed:
-        raise SearchError(f"no path on the Pareto front is at most search.max_path_length={max_path_length} long; "
-                          f"the shortest is {min(e['metrics']['path_length'] for e in front)}")
+        shortest = f"; the shortest is {min(e['metrics']['path_length'] for e in front)}" if front else ""
+        raise SearchError(f"no successful path is at most search.max_path_length={max_path_length} long{shortest}")
     return min(allowed, key=lambda e: (-e["fitness"][0], e["metrics"]["path_length"], e["index"]))
 
 

@@ -8,7 +8,7 @@ be rebuilt exactly by replaying its told history -- which is how a checkpoint re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -86,17 +86,23 @@ class CMAES:
 class NSGA2:
     """pymoo's NSGA-II over genomes whose first `n_binary` coordinates are 0/1 and the rest unit-box reals,
     with pymoo's mixed-variable operators (uniform crossover and bit flips on the binaries, SBX and polynomial
-    mutation on the reals). All objectives maximised; `initial` is the first population."""
+    mutation on the reals). All objectives maximised; `initial` is the first population.
+
+    `violation`, if given, is one inequality constraint known from a genome alone (<= 0 feasible, e.g. how many
+    blocks a path is over its length limit). It becomes pymoo's `G`, so NSGA-II's survival applies constraint
+    dominance (feasible candidates first, infeasible ones by their violation) -- no penalty on the fitness. It is
+    computed at `tell` from the told genomes, so replaying a told history rebuilds the same state."""
 
     def __init__(self, n_binary: int, n_real: int, n_objectives: int, *, seed: int, popsize: int,
-                 initial: Sequence[np.ndarray]):
+                 initial: Sequence[np.ndarray], violation: Callable[[np.ndarray], float] | None = None):
         if len(initial) != popsize:
             raise ValueError(f"NSGA-II needs an initial population of {popsize}, got {len(initial)}")
         self.dim = n_binary + n_real
         self._keys = [f"b{i}" for i in range(n_binary)] + [f"r{i}" for i in range(n_real)]
         self._binary = set(self._keys[:n_binary])
         variables = {key: Binary() if key in self._binary else Real(bounds=(0.0, 1.0)) for key in self._keys}
-        self._problem = _PymooProblem(vars=variables, n_obj=n_objectives)
+        self._violation = violation
+        self._problem = _PymooProblem(vars=variables, n_obj=n_objectives, n_ieq_constr=0 if violation is None else 1)
         self._rng = _PrivateNumpyRandom(seed)
         duplicates = MixedVariableDuplicateElimination()
         self._algorithm = _PymooNSGA2(
@@ -124,6 +130,8 @@ class NSGA2:
         if self._asked is None or len(genomes) != len(self._asked):
             raise ValueError("tell() must follow ask() with one fitness per asked genome")
         self._asked.set("F", -np.asarray(fitness, dtype=float))  # pymoo minimises
+        if self._violation is not None:  # pymoo derives each individual's CV (and feasibility) from G
+            self._asked.set("G", np.array([[float(self._violation(g))] for g in genomes]))
         with self._rng.active():
             self._algorithm.tell(infills=self._asked)
         self._asked = None
