@@ -312,8 +312,8 @@ def test_dfs_search_resumes_exactly_and_reports_the_chosen_path(micro_zoo_home, 
     # the micro zoo's scores are ~0 whatever runs: compare the exported model's logits with the searched path's
     searched = recipe_path_model(recipe, [load_model(path) for path in recipe.models])
     batch = load_tokenizer(recipe.models[0])(PROMPTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, searched(**batch).logits)
+    with torch.no_grad():  # unrolled with its scales folded in: equal up to RMSNorm's eps (exact when unscaled)
+        torch.testing.assert_close(model(**batch).logits, searched(**batch).logits, rtol=1e-3, atol=3e-3)
     main(["eval", f"model={tmp_path / 'export' / 'model'}", "task=toy_two_skill", "zoo=micro",
           f"home={micro_zoo_home}", f"out={tmp_path / 'eval.json'}", "progress=false"])
     evaluated = json.loads((tmp_path / "eval.json").read_text())
