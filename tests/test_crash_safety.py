@@ -33,8 +33,18 @@ from evomerge.search.run import Budget, SearchError, load_checkpoint, run_search
 from tests.helpers import crash_search
 
 PHASES = ("merge", "eval", "checkpoint")
-GENERATIONS = 8  # the default test's run; the slow test's is longer, to fit 20 kills
-SLOW_GENERATIONS = 16
+KILLS, SLOW_KILLS = 12, 20
+
+
+def enough_generations(kills: int) -> int:
+    """Generations no sequence of `kills` lives can finish: a life killed at its 2nd checkpoint has written up to 2
+    generations, one killed at its 3rd merge or evaluation up to 3 candidates; the search must outlast them all."""
+    aims = [PHASES[index % len(PHASES)] for index in range(kills)]
+    most = sum(2 * crash_search.POPSIZE if aim == "checkpoint" else 3 for aim in aims)
+    return most // crash_search.POPSIZE + 1
+
+
+GENERATIONS, SLOW_GENERATIONS = enough_generations(KILLS), enough_generations(SLOW_KILLS)
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="lives are forked")
 
 
@@ -139,13 +149,13 @@ def run_kills(tmp_path: Path, reference: Path, home: Path, seed: int | None, kil
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path, reference, micro_zoo_home):
-    run_kills(tmp_path, reference, micro_zoo_home, None, kills=12, generations=GENERATIONS)
+    run_kills(tmp_path, reference, micro_zoo_home, None, kills=KILLS, generations=GENERATIONS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sigkill_many_more_times(tmp_path, slow_reference, micro_zoo_home, seed):
-    run_kills(tmp_path, slow_reference, micro_zoo_home, seed, kills=20, generations=SLOW_GENERATIONS)
+    run_kills(tmp_path, slow_reference, micro_zoo_home, seed, kills=SLOW_KILLS, generations=SLOW_GENERATIONS)
 
 
 def test_failing_candidates_are_logged_and_the_search_goes_on(reference):
