@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -33,6 +34,8 @@ def start(run_dir: Path, trace: Path, home: Path, generations: int, submitit_job
     if pid:
         return pid
     code = 0
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR2):  # a job's process starts with the default handlers, not
+        signal.signal(stop_signal, signal.SIG_DFL)  # those of whatever ran in this pytest process (Ray's driver)
     evaluate = Evaluator.evaluate
     Evaluator.evaluate = lambda *args, **kwargs: time.sleep(EVALUATION_PAUSE) or evaluate(*args, **kwargs)
     try:
