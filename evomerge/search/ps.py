@@ -215,6 +215,6 @@ def format_rows(report: dict[str, Any]) -> str:
         entries = [entry for entry in report["paired"] if entry["model"] == model]
         lines.append(f"\n{model} minus each, paired on the same {entries[0]['n']} test rows (bootstrap 95% interval; "
                      "McNemar exact p; rows right only here / only there):")
-        lines += [f"  {e['against']:<24}{e['difference']:>+8.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+        lines += [f"  {e['against']:<26}{e['difference']:>+8.3f} [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
                   f"  p={e['mcnemar_p']:<9.3g} {e['better']:>4} / {e['worse']}" for e in entries]
     return "\n".join(lines)
