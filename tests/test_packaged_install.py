@@ -190,7 +190,7 @@ def test_the_wheel_searches_evaluates_and_exports_outside_the_checkout(tmp_path)
     (run,) = (work / "outputs" / "search").iterdir()  # Hydra's run directory, under the current directory
     for name in ("checkpoint.json", "best_recipe.yaml", "report.json", "config.yaml"):
         assert (run / name).is_file(), name
-    (zoo,) = home.glob("zoo-micro-*")
+    (zoo,) = (path for path in home.glob("zoo-micro-*") if path.is_dir())  # beside it: its build lock file
 
     evomerge("eval", f"model={zoo / 'ja_expert'}", "task=toy_two_skill", "zoo=micro", f"home={home}",
              f"out={work / 'eval.json'}")
