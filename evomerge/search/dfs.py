@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
-from evomerge.eval.evaluator import Evaluator, pool_evaluator
 from evomerge.eval.task import AnyTask, check_objectives, load_task
 from evomerge.merge import MergeError
 from evomerge.modelio import load_model, read_config
@@ -29,22 +28,18 @@ from evomerge.pool import Pool
 from evomerge.recipe import DFSRecipe
 from evomerge.search.genome import DFSGenomeSpace
 from evomerge.search.optimizer import NSGA2
-from evomerge.search.ps import ReportItem, report_row
+from evomerge.search.ps import PoolProblem, ReportItem, report_row
 from evomerge.search.run import SearchError
 
 
 PATH_METRICS = ("path_length", "path_fraction")  # what a candidate's path costs, beside the task's metrics
 
 
-class DFSProblem:
-    """Genome -> layer path -> path model over the resident sources -> metrics on the search split.
-
-    The sources are loaded on first use (or by `load`), so a driver whose candidates run on Ray workers decodes
-    genomes without holding them."""
+class DFSProblem(PoolProblem):
+    """Genome -> layer path -> path model over the resident sources -> metrics on the search split."""
 
     def __init__(self, cfg: DictConfig, pool: Pool, space: DFSGenomeSpace, task: AnyTask):
-        self.cfg, self.pool, self.space, self.task = cfg, pool, space, task
-        self.objectives = tuple(cfg.search.objectives)
+        super().__init__(cfg, pool, space, task)
         self._sources: list[PreTrainedModel] | None = None
 
     def load(self) -> None:
@@ -56,17 +51,6 @@ class DFSProblem:
     def sources(self) -> list[PreTrainedModel]:
         self.load()
         return self._sources
-
-    @functools.cached_property
-    def evaluator(self) -> Evaluator:
-        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "search")
-
-    @functools.cached_property
-    def test_evaluator(self) -> Evaluator:
-        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "test")
-
-    def decode(self, genome) -> DFSRecipe:
-        return self.space.decode(genome)
 
     def model(self, recipe: DFSRecipe) -> PreTrainedModel:
         return recipe_path_model(recipe, self.sources)

@@ -48,15 +48,32 @@ class ReportItem:
         return f"source:{self.source}" if self.recipe is None else self.recipe.hash
 
 
-class PSProblem:
-    """Genome -> recipe -> resident merged model -> metrics on the search split.
+class PoolProblem:
+    """What the PS and DFS problems share: settings, decoding, and the search and test evaluators (built on first
+    use). Each kind keeps its own resident models, put in memory by `load` on first use, so a driver whose
+    candidates run on Ray workers decodes genomes, tells the optimizer and writes the log without holding them."""
 
-    The pool is put in memory on first use (or by `load`), so a driver whose candidates run on Ray workers
-    decodes genomes, tells the optimizer and writes the log without holding a copy of it."""
-
-    def __init__(self, cfg: DictConfig, pool: Pool, space: PSGenomeSpace, task: AnyTask):
+    def __init__(self, cfg: DictConfig, pool: Pool, space: Any, task: AnyTask):
         self.cfg, self.pool, self.space, self.task = cfg, pool, space, task
         self.objectives = tuple(cfg.search.objectives)
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "search")
+
+    @functools.cached_property
+    def test_evaluator(self) -> Evaluator:
+        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "test")
+
+    def decode(self, genome):
+        return self.space.decode(genome)
+
+
+class PSProblem(PoolProblem):
+    """Genome -> recipe -> resident merged model -> metrics on the search split."""
+
+    def __init__(self, cfg: DictConfig, pool: Pool, space: PSGenomeSpace, task: AnyTask):
+        super().__init__(cfg, pool, space, task)
         self._merger: InMemoryMerger | None = None
 
     def load(self) -> None:
@@ -68,17 +85,6 @@ class PSProblem:
     def merger(self) -> InMemoryMerger:
         self.load()
         return self._merger
-
-    @functools.cached_property
-    def evaluator(self) -> Evaluator:
-        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "search")
-
-    @functools.cached_property
-    def test_evaluator(self) -> Evaluator:
-        return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "test")
-
-    def decode(self, genome) -> PSRecipe:
-        return self.space.decode(genome)
 
     def evaluate(self, recipe: PSRecipe) -> tuple[dict[str, Any], dict[str, float]]:
         started = time.perf_counter()
