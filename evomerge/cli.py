@@ -15,13 +15,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from transformers.utils import logging as transformers_logging
 
-from evomerge.eval.language import LanguageModelMissingError
-from evomerge.eval.task import TaskError
-from evomerge.merge import MergeError
-from evomerge.modelio import ModelLoadError, set_load_policy
-from evomerge.pool import PoolError
+from evomerge.errors import (
+    LanguageModelMissingError,
+    MergeError,
+    ModelLoadError,
+    PoolError,
+    SearchError,
+    TaskError,
+)
+from evomerge.modelio import set_load_policy
 from evomerge.resources import CONF_MODULE
-from evomerge.search.run import Interrupted, SearchError
+from evomerge.search.run import Interrupted
 from evomerge.search.sweep import JobError
 
 USER_ERRORS = (MergeError, TaskError, SearchError, PoolError, LanguageModelMissingError, ModelLoadError)

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.merge import MergeError
+from evomerge.errors import ExportError
 from evomerge.merge.groups import assign_groups, tensor_place
 from evomerge.merge.stream import merge_to_disk, model_card, move_into_place
 from evomerge.modelio import DTYPES, CheckpointReader, load_model, load_tokenizer
@@ -47,11 +47,6 @@ RUN_RECIPE = "best_recipe.yaml"
 DFS_RUN_RECIPE = "chosen_recipe.yaml"  # a DFS run exports its chosen point (best within the path-length limit)
 RUN_REPORT = "report.json"
 DFS_FORMATS = ("unrolled", "path")  # a plain checkpoint with the scales folded in; evomerge's blocks + hops
-_NO_MERGEKIT_TWIN = ("fisher", "regmean")  # exported as the weighted average evomerge falls back to
-
-
-class ExportError(MergeError):
-    """An export source or destination is unusable (no run directory, no recipe, output exists, ...)."""
 
 
 class ExportWarning(UserWarning):
@@ -142,32 +137,25 @@ def mergekit_config(recipe: PSRecipe, layout: CheckpointLayout | None = None) ->
     """
     layout = layout or CheckpointLayout.read(reference_model(recipe))
     filters, fallback = group_filters(recipe.group_names, layout.names)
-    options = recipe.parameters
-    method = "linear" if recipe.method in _NO_MERGEKIT_TWIN else recipe.method
-    config: dict[str, Any] = {"merge_method": method}
-    if recipe.method == "slerp":
-        config["base_model"] = recipe.models[0]  # mergekit's t=0 end, evomerge's first model
+    mapping = recipe.spec.mergekit
+    config: dict[str, Any] = {"merge_method": mapping.name or "linear"}
+    if mapping.base_model == "first":
+        config["base_model"] = recipe.models[0]
     elif recipe.base is not None:
         config["base_model"] = recipe.base
     config["dtype"] = "float32"
     if len(layout.float_dtypes) == 1:
         config["out_dtype"] = layout.float_dtypes[0]
-
-    if method == "linear":
-        parameters: dict[str, Any] = {"normalize": bool(options.get("normalize", True))}
-    elif method == "slerp":
-        parameters = {"t": _setting([float(group["t"]) for group in recipe.groups], filters, fallback)}
-    else:
-        parameters = {"lambda": options["lambda"], "normalize": options["normalize"]}
-        if method.startswith("dare"):
-            parameters["rescale"] = True  # mergekit's only rescale: match the L1 norm (evomerge's "l1")
+    parameters = mapping.parameters(recipe.parameters)
+    for key in recipe.spec.per_group:  # one value per layer group: a global mergekit parameter, filtered by group
+        parameters[key] = _setting([float(group[key]) for group in recipe.groups], filters, fallback)
     config["parameters"] = parameters
 
     models = []
     for index, model in enumerate(recipe.models):
         entry: dict[str, Any] = {"model": model}
         per_model = {key: _setting([group[key][index] for group in recipe.groups], filters, fallback)
-                     for key in recipe.spec.per_model}
+                     for key in recipe.spec.per_model if mapping.per_model is None or key in mapping.per_model}
         if per_model:
             entry["parameters"] = per_model
         models.append(entry)
@@ -179,27 +167,8 @@ def mergekit_notes(recipe: PSRecipe, layout: CheckpointLayout | None = None) -> 
     """What mergekit does differently from evomerge for ``recipe``; empty when the two give the same tensors
     (up to float rounding)."""
     layout = layout or CheckpointLayout.read(reference_model(recipe))
-    notes = []
-    if recipe.method.startswith("dare"):
-        notes.append("DARE drop masks differ: evomerge draws them from a hash of (seed, tensor, model), mergekit "
-                     "from torch.bernoulli, so the two models agree only in distribution")
-        if recipe.parameters["rescale"] == "dare":
-            notes.append("evomerge rescales kept entries by 1/density; mergekit's rescale matches each task "
-                         "vector's L1 norm instead (the same in expectation)")
     half = sorted(set(layout.float_dtypes) & {"bfloat16", "float16"})
-    if recipe.method == "ties" and half:
-        notes.append(f"TIES trims keep the same number of entries in both tools and the same entries above each "
-                     f"tensor's cut, but mergekit chooses among the entries tied at the cut with an unstable sort "
-                     f"where evomerge keeps the lowest indices; {half[0]} task vectors tie a lot, so the two "
-                     "models can differ in those tied entries (by one trimmed delta each)")
-    if recipe.method in _NO_MERGEKIT_TWIN:
-        notes.append(f"mergekit has no {recipe.method} merge; this is the normalized weighted average that "
-                     "evomerge uses for tensors without statistics, not the statistics-weighted merge")
-    if recipe.method in ("linear", *_NO_MERGEKIT_TWIN) and recipe.parameters.get("normalize", True):
-        for group in recipe.groups:
-            if abs(sum(group["weight"])) < 1e-8:
-                notes.append(f"group {group.name!r}: weights sum to ~0; evomerge then leaves the sum "
-                             "unnormalized, mergekit divides by it")
+    notes = recipe.spec.mergekit.notes(recipe, half)
     inputs = [*([recipe.base] if recipe.base is not None else []), *recipe.models]
     if len(set(inputs)) < len(inputs):
         notes.append("the recipe lists a model twice or its base among the models; mergekit identifies inputs "

@@ -21,13 +21,11 @@ from typing import BinaryIO
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from evomerge.errors import ModelLoadError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-
-class ModelLoadError(ValueError):
-    """A model, tokenizer or checkpoint cannot be read: missing, not on an offline machine, pickle weights refused."""
 
 
 @dataclass
@@ -149,6 +147,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     pickled = _pickle_only(Path(local))
     if pickled and not POLICY.allow_pickle:
         raise ModelLoadError(pickle_refusal(path, pickled))
+    for weights in sorted(Path(local).glob("*.safetensors")):  # transformers would say only "invalid header length"
+        _check_safetensors(weights)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             local, dtype=resolve_dtype(dtype), use_safetensors=None if POLICY.allow_pickle else True,
@@ -225,21 +225,52 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
-def _read_header(file: Path) -> dict[str, TensorEntry]:
+def _corrupt(file: Path, reason: str) -> ModelLoadError:
+    return ModelLoadError(f"{file}: not a valid safetensors file (truncated or corrupt: {reason})")
+
+
+def _check_safetensors(file: Path) -> tuple[int, dict[str, dict]]:
+    """The data offset and tensor entries of a safetensors file, checked against the file's size before they are
+    trusted, so that a truncated or corrupt file is one ModelLoadError naming it (not a bare JSON error, a
+    MemoryError from a garbage length, or a short read halfway through a merge). Dtypes are not checked here."""
+    size = file.stat().st_size
     with open(file, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
-    data_start = 8 + header_size
+        prefix = handle.read(8)
+        header_size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        if len(prefix) < 8 or 8 + header_size > size:
+            raise _corrupt(file, f"the file has {size} bytes, " + (
+                "too few for a header" if len(prefix) < 8 else f"ending inside its {header_size}-byte header"))
+        raw = handle.read(header_size)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise _corrupt(file, f"its header is not JSON: {error_line(error)}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(file, "its header is not a JSON object")
+    entries = {name: info for name, info in header.items() if name != "__metadata__"}
+    for name, info in entries.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1] and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list) and all(type(n) is int and n >= 0 for n in info["shape"])):
+            raise _corrupt(file, f"tensor {name!r} has no valid dtype, shape and data_offsets in the header")
+    needed = max((info["data_offsets"][1] for info in entries.values()), default=0)
+    if 8 + header_size + needed != size:
+        raise _corrupt(file, f"its tensors need {needed} bytes of data, the file has {size - 8 - header_size}")
+    return 8 + header_size, entries
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    data_start, header = _check_safetensors(file)
     entries = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(
-            file, data_start + begin, data_start + end, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
-        )
+            raise ModelLoadError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(file, f"tensor {name!r} takes {end - begin} bytes, its shape {list(shape)} needs "
+                                 f"{math.prod(shape) * dtype.itemsize}")
+        entries[name] = TensorEntry(file, data_start + begin, data_start + end, dtype, shape)
     return entries
 
 
@@ -342,8 +373,8 @@ class CheckpointReader:
         filled = 0
         while filled < len(view):
             count = handle.readinto(view[filled:])
-            if not count:
-                raise OSError(f"checkpoint {self.path}: tensor {name!r} is truncated in {entry.file.name}")
+            if not count:  # the file shrank after its header was checked
+                raise _corrupt(entry.file, f"tensor {name!r} ends past the end of the file")
             filled += count
         return buffer.view(entry.dtype).reshape(entry.shape)
 
@@ -457,4 +488,5 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    _check_safetensors(Path(path))  # a truncated or corrupt file: one line naming it, not safetensors' bare error
     return load_file(str(path))

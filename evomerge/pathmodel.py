@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from evomerge.merge import MergeError
+from evomerge.errors import PathModelError
 from evomerge.recipe import DFSRecipe, Hop
 
 PATH_FILE = "evomerge_path.json"
@@ -42,10 +42,6 @@ SHAPE_FIELDS = ("model_type", "hidden_size", "num_attention_heads", "num_key_val
 # scales fold into their weights. Gemma, for one, normalises branch outputs and scales its embeddings.
 FOLDABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BRANCH_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")  # the last linear map of each residual branch
-
-
-class PathModelError(MergeError):
-    """A layer path cannot be built over these models."""
 
 
 def _borrow(layer: nn.Module, block: nn.Module) -> None:

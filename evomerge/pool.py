@@ -25,14 +25,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge.errors import ModelLoadError, PoolError
 from evomerge.eval.task import CONFIG_VARIABLES
-from evomerge.modelio import DTYPES, ModelLoadError, hub_snapshot, local_checkpoint
+from evomerge.modelio import DTYPES, hub_snapshot, local_checkpoint
 
 Identity = str | dict[str, str]  # what `member_identity` records: a path, or the fields that name a model
-
-
-class PoolError(ValueError):
-    """The pool config names a model that cannot be found."""
 
 
 @dataclass(frozen=True)

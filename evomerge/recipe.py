@@ -18,56 +18,10 @@ from typing import Any, ClassVar
 
 import yaml
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError, RecipeError
 from evomerge.merge.groups import check_disjoint
+from evomerge.merge.methods import METHODS, MergeMethod, method
 
-
-class RecipeError(MergeError):
-    """A recipe is malformed: unknown method, bad value, wrong number of per-model values, ..."""
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a merge method needs from a recipe and which options it takes (with their defaults)."""
-
-    needs_base: bool
-    per_model: tuple[str, ...]
-    per_group: tuple[str, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)
-    n_models: int | None = None
-    statistics: str | None = None  # "fisher" or "gram": per-model statistics from prompts
-
-
-_TASK_VECTOR_OPTIONS = {"lambda": 1.0, "normalize": False}
-_DARE_OPTIONS = {"lambda": 1.0, "normalize": False, "rescale": "dare", "seed": 0}
-_STATISTICS_OPTIONS = {"prompts": None, "max_prompts": 64, "statistics_dir": None}
-
-# Defaults follow mergekit where it has the method, so an equivalent mergekit config means the same merge.
-METHODS: Mapping[str, MethodSpec] = MappingProxyType(
-    {
-        "linear": MethodSpec(needs_base=False, per_model=("weight",), options={"normalize": True}),
-        "task_arithmetic": MethodSpec(needs_base=True, per_model=("weight",), options=_TASK_VECTOR_OPTIONS),
-        "ties": MethodSpec(
-            needs_base=True, per_model=("weight", "density"), options={"lambda": 1.0, "normalize": True}
-        ),
-        "dare_ties": MethodSpec(needs_base=True, per_model=("weight", "density"), options=_DARE_OPTIONS),
-        "dare_linear": MethodSpec(needs_base=True, per_model=("weight", "density"), options=_DARE_OPTIONS),
-        "slerp": MethodSpec(needs_base=False, per_model=(), per_group=("t",), n_models=2),
-        "fisher": MethodSpec(
-            needs_base=False,
-            per_model=("weight",),
-            options={"fisher_floor": 1e-6, **_STATISTICS_OPTIONS},
-            statistics="fisher",
-        ),
-        "regmean": MethodSpec(
-            needs_base=False,
-            per_model=("weight",),
-            options={"alpha": 0.9, **_STATISTICS_OPTIONS},
-            statistics="gram",
-        ),
-    }
-)
-GROUP_VALUE_DEFAULTS: Mapping[str, float] = MappingProxyType({"weight": 1.0, "density": 1.0, "t": 0.5})
 DEFAULT_GROUPS: tuple[str, ...] = ("embed", "blocks", "head")
 
 
@@ -80,37 +34,21 @@ def _number(value: Any, what: str) -> float:
     return number
 
 
-def _check_group_value(key: str, value: float, what: str) -> None:
-    if key == "density" and not 0.0 < value <= 1.0:
-        raise RecipeError(f"{what} must be in (0, 1], got {value}")
-    if key == "t" and not 0.0 <= value <= 1.0:
-        raise RecipeError(f"{what} must be in [0, 1], got {value}")
+def _read(path: str | Path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
 
 
-def _check_option(method: str, key: str, value: Any) -> Any:
-    what = f"{method} parameter {key!r}"
-    if key in ("normalize",):
-        if not isinstance(value, bool):
-            raise RecipeError(f"{what} must be true or false, got {value!r}")
-        return value
-    if key in ("seed", "max_prompts"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "max_prompts" else 0):
-            raise RecipeError(f"{what} must be a {'positive' if key == 'max_prompts' else 'non-negative'} integer")
-        return value
-    if key == "rescale":
-        if value not in ("dare", "l1"):
-            raise RecipeError(f"{what} must be 'dare' (1/density) or 'l1' (mergekit's norm match), got {value!r}")
-        return value
-    if key in ("prompts", "statistics_dir"):
-        if value is not None and not isinstance(value, (str, Path)):
-            raise RecipeError(f"{what} must be a path or null, got {value!r}")
-        return None if value is None else str(value)
-    number = _number(value, what)
-    if key == "alpha" and not 0.0 <= number <= 1.0:
-        raise RecipeError(f"{what} must be in [0, 1], got {number}")
-    if key == "fisher_floor" and number <= 0:
-        raise RecipeError(f"{what} must be positive, got {number}")
-    return number
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text as data, or one `RecipeError` line naming the file and where the syntax breaks."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise RecipeError(f"{where} is not valid YAML{at}: {getattr(error, 'problem', None) or error}") from None
 
 
 @dataclass(frozen=True)
@@ -140,20 +78,22 @@ class PSRecipe:
     kind: ClassVar[str] = "ps"
 
     def __post_init__(self) -> None:
-        spec = METHODS.get(self.method)
-        if spec is None:
-            raise RecipeError(f"unknown merge method {self.method!r}; known: {sorted(METHODS)}")
+        spec = method(self.method)
         if isinstance(self.models, (str, Path)):
             raise RecipeError("models must be a list of paths, not a single string")
         models = tuple(str(model) for model in self.models)
         if not models:
             raise RecipeError(f"{self.method} recipe lists no models")
-        if spec.n_models is not None and len(models) != spec.n_models:
-            raise RecipeError(f"{self.method} merges exactly {spec.n_models} models, recipe lists {len(models)}")
+        least, most = spec.n_models
+        if least == most and len(models) != least:
+            raise RecipeError(f"{self.method} merges exactly {least} models, recipe lists {len(models)}")
+        if len(models) < least or (most is not None and len(models) > most):
+            raise RecipeError(f"{self.method} merges {least} to {most or 'any number of'} models, recipe lists "
+                              f"{len(models)}")
         base = None if self.base is None else str(self.base)
         if spec.needs_base and base is None:
             raise RecipeError(f"{self.method} needs a base model (task vectors are model - base)")
-        if not spec.needs_base and base is not None:
+        if not spec.takes_base and base is not None:
             raise RecipeError(f"{self.method} takes no base model; drop 'base' or use a task-vector method")
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "base", base)
@@ -166,16 +106,14 @@ class PSRecipe:
         except MergeError as error:
             raise RecipeError(f"{self.method} recipe: {error}") from error
 
-    def _canonical_parameters(self, spec: MethodSpec) -> dict[str, Any]:
-        unknown = set(self.parameters) - set(spec.options)
-        if unknown:
-            raise RecipeError(
-                f"{self.method} has no parameter(s) {sorted(unknown)}; it takes {sorted(spec.options) or 'none'}"
-            )
-        merged = {**spec.options, **self.parameters}
-        return {key: _check_option(self.method, key, merged[key]) for key in sorted(merged)}
+    def _canonical_parameters(self, spec: MergeMethod) -> dict[str, Any]:
+        parameters = dict(self.parameters)
+        for key in ("prompts", "statistics_dir"):  # paths given as Path objects are kept as strings
+            if isinstance(parameters.get(key), Path):
+                parameters[key] = str(parameters[key])
+        return spec.check_options(parameters)
 
-    def _canonical_group(self, spec: MethodSpec, group: GroupValues | Mapping[str, Any]) -> GroupValues:
+    def _canonical_group(self, spec: MergeMethod, group: GroupValues | Mapping[str, Any]) -> GroupValues:
         if isinstance(group, GroupValues):
             name, given = group.name, dict(group.values)
         else:
@@ -183,15 +121,15 @@ class PSRecipe:
             name = given.pop("name", None)
         if not isinstance(name, str):
             raise RecipeError(f"every layer group needs a string 'name', got {name!r}")
-        unknown = set(given) - set(spec.per_model) - set(spec.per_group)
+        unknown = set(given) - set(spec.values)
         if unknown:
             raise RecipeError(
                 f"group {name!r}: {self.method} has no per-group value(s) {sorted(unknown)}; "
-                f"it takes {sorted(spec.per_model + spec.per_group)}"
+                f"it takes {sorted(spec.values)}"
             )
         values: dict[str, tuple[float, ...] | float] = {}
-        for key in spec.per_model:
-            raw = given.get(key, GROUP_VALUE_DEFAULTS[key])
+        for key, value in spec.per_model.items():
+            raw = given.get(key, value.default)
             items = list(raw) if isinstance(raw, (list, tuple)) else [raw] * len(self.models)
             if len(items) != len(self.models):
                 raise RecipeError(
@@ -199,23 +137,17 @@ class PSRecipe:
                 )
             numbers = []
             for model, item in zip(self.models, items):
-                what = f"group {name!r}: {key} for model {model!r}"
-                number = _number(item, what)
-                _check_group_value(key, number, what)
-                numbers.append(number)
+                numbers.append(spec.check_value(key, item, f"group {name!r}: {key} for model {model!r}"))
             values[key] = tuple(numbers)
-        for key in spec.per_group:
-            what = f"group {name!r}: {key}"
-            number = _number(given.get(key, GROUP_VALUE_DEFAULTS[key]), what)
-            _check_group_value(key, number, what)
-            values[key] = number
+        for key, value in spec.per_group.items():
+            values[key] = spec.check_value(key, given.get(key, value.default), f"group {name!r}: {key}")
         return GroupValues(name, MappingProxyType(values))
 
     def __hash__(self) -> int:
         return hash(self.hash)
 
     @property
-    def spec(self) -> MethodSpec:
+    def spec(self) -> MergeMethod:
         return METHODS[self.method]
 
     @property
@@ -283,8 +215,19 @@ class PSRecipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
 
     @classmethod
-    def from_yaml(cls, text: str) -> PSRecipe:
-        return cls.from_dict(yaml.safe_load(text))
+    def from_merge_config(cls, merge: Mapping[str, Any], base: str | None, models: Sequence[str],
+                          groups: Sequence[str] | None = None) -> PSRecipe:
+        """A uniform recipe from a ``conf/merge`` entry (``method`` plus values and options): per-model and per-group
+        values go to every group, the rest are method options; ``base`` is used when the method takes one."""
+        settings = dict(merge)
+        spec = method(settings.pop("method", None))
+        values = {key: settings.pop(key) for key in list(settings) if key in spec.values}
+        extra = {} if groups is None else {"groups": list(groups)}
+        return cls.uniform(spec.name, base if spec.takes_base else None, models, parameters=settings, **extra, **values)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "recipe") -> PSRecipe:
+        return cls.from_dict(_parse_yaml(text, where))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -293,7 +236,7 @@ class PSRecipe:
 
     @classmethod
     def load(cls, path: str | Path) -> PSRecipe:
-        return cls.from_yaml(Path(path).read_text())
+        return cls.from_yaml(_read(path), str(path))
 
     @property
     def hash(self) -> str:
@@ -423,7 +366,7 @@ class DFSRecipe:
 
     @classmethod
     def load(cls, path: str | Path) -> DFSRecipe:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+        return cls.from_dict(_parse_yaml(_read(path), str(path)))
 
     @property
     def hash(self) -> str:
@@ -435,7 +378,7 @@ class DFSRecipe:
 
 def load_recipe(path: str | Path) -> PSRecipe | DFSRecipe:
     """A recipe file of either kind (its `kind` key says which; parameter-space when absent)."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = _parse_yaml(_read(path), str(path))
     if isinstance(data, Mapping) and data.get("kind") == DFSRecipe.kind:
         return DFSRecipe.from_dict(data)
     return PSRecipe.from_dict(data)

@@ -117,21 +117,32 @@ def build_zoo(root: Path, shape: dict, seed: int, delta_std: float = DELTA_STD) 
 
 
 def recipe_for(method: str, zoo: dict[str, Path]):
+    """A uniform recipe of ``method`` over the fine-tunes (the first two for two-model methods): weights
+    0.5/0.3/0.2 and density 0.5 where the method has them, its defaults elsewhere; DARE with L1 rescaling."""
+    from evomerge.merge.methods import METHODS
     from evomerge.recipe import PSRecipe
 
-    models = [zoo["ft1"], zoo["ft2"], zoo["ft3"]]
-    values = {"weight": WEIGHTS} if method == "task_arithmetic" else {"weight": WEIGHTS, "density": DENSITY}
-    parameters = {"rescale": "l1"} if method == "dare_ties" else {}
-    return PSRecipe.uniform(method, zoo["base"], models, parameters=parameters, **values)
+    spec = METHODS[method]
+    models = [zoo["ft1"], zoo["ft2"], zoo["ft3"]][: spec.n_models[1] or 3]
+    values = {key: value for key, value in (("weight", WEIGHTS[: len(models)]), ("density", DENSITY))
+              if key in spec.per_model}
+    parameters = {"rescale": "l1"} if spec.options.get("rescale") == "dare" else {}
+    return PSRecipe.uniform(method, zoo["base"] if spec.takes_base else None, models, parameters=parameters,
+                            **values)
 
 
 def mergekit_config(method: str, zoo: dict[str, Path]) -> dict:
-    models = []
-    for name, weight in zip(("ft1", "ft2", "ft3"), WEIGHTS):
-        parameters = {"weight": weight} if method == "task_arithmetic" else {"weight": weight, "density": DENSITY}
-        models.append({"model": str(zoo[name]), "parameters": parameters})
-    return {"merge_method": method, "base_model": str(zoo["base"]), "models": models,
-            "dtype": "float32", "out_dtype": "bfloat16"}
+    """The same merge as mergekit runs it: evomerge's own export of ``recipe_for``."""
+    from evomerge.export import mergekit_config as exported
+
+    return exported(recipe_for(method, zoo))
+
+
+def all_methods() -> list[str]:
+    """Every registered method that mergekit has and that needs no prompt statistics."""
+    from evomerge.merge.methods import METHODS
+
+    return [name for name, spec in sorted(METHODS.items()) if spec.mergekit.name and spec.statistics is None]
 
 
 # --------------------------------------------------------------------------- child processes
@@ -156,7 +167,7 @@ def rss_mb() -> float:
 
 
 def child_evomerge(method: str, zoo: dict[str, Path], warmup: dict[str, Path], out: Path) -> dict:
-    from evomerge.merge import merge_to_disk
+    from evomerge.merge.stream import merge_to_disk
 
     start = time.perf_counter()
     merge_to_disk(recipe_for(method, warmup), out.with_name(out.name + "-warmup"))
@@ -199,10 +210,10 @@ def child_memory(zoo: dict[str, Path], warmup: dict[str, Path], candidates: int,
     """Prepare an InMemoryMerger once, then time random per-group candidates for each method."""
     import gc
 
-    from evomerge.merge import InMemoryMerger
+    from evomerge.merge.memory import InMemoryMerger
     from evomerge.merge.groups import group_names
     from evomerge.modelio import CheckpointReader
-    from evomerge.recipe import PSRecipe
+    from evomerge.search.genome import PSGenomeSpace
 
     small = InMemoryMerger(warmup["base"], [warmup["ft1"], warmup["ft2"], warmup["ft3"]])
     for method in methods:  # compile the kernels once, on small tensors, before the baseline is taken
@@ -222,17 +233,12 @@ def child_memory(zoo: dict[str, Path], warmup: dict[str, Path], candidates: int,
     layers = json.loads((zoo["base"] / "config.json").read_text())["num_hidden_layers"]
     groups = group_names(layers, min(5, layers))
     for method in methods:
-        parameters = {"rescale": "l1"} if method == "dare_ties" else {}
+        reference = recipe_for(method, zoo)  # its models and options; random values from the method's genome
+        space = PSGenomeSpace(method, reference.base, reference.models, tuple(groups), dict(reference.parameters)) \
+            if reference.spec.values else None  # model_stock has nothing to search: its one recipe, timed
 
         def candidate():
-            values = []
-            for name in groups:
-                entry = {"name": name, "weight": [rng.uniform(0.1, 1.0) for _ in models]}
-                if method != "task_arithmetic":
-                    entry["density"] = [rng.uniform(0.1, 1.0) for _ in models]
-                values.append(entry)
-            return PSRecipe(method=method, base=str(zoo["base"]), models=tuple(map(str, models)),
-                            groups=tuple(values), parameters=parameters)
+            return reference if space is None else space.decode([rng.random() for _ in range(space.dim)])
 
         start = time.perf_counter()
         merger.merge(candidate())  # includes one-off preparation (magnitude tables for TIES)
@@ -378,7 +384,8 @@ def main() -> None:
     parser.add_argument("--pool", choices=sorted(POOLS), default="mistral-200m",
                         help="model shape: ~200M (default) or ~1B parameters per model")
     parser.add_argument("--candidates", type=int, default=5, help="in-memory candidates timed per method")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to time")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated methods to time, or 'all' (every method mergekit also has)")
     parser.add_argument("--delta-std", type=float, default=DELTA_STD,
                         help="std of the fine-tunes' random deltas (weights have std 0.02)")
     parser.add_argument("--memory-only", action="store_true", help="only the in-memory merger (no disk merges)")
@@ -396,7 +403,7 @@ def main() -> None:
         child_main(args.child)
         return
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
-    methods = args.methods.split(",")
+    methods = all_methods() if args.methods == "all" else args.methods.split(",")
     work = Path(tempfile.mkdtemp(prefix="evomerge-bench-", dir=args.workdir))
     try:
         start = time.perf_counter()

@@ -40,8 +40,6 @@ FULL = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, 
         "num_key_value_heads": 4}  # ~110M parameters with the 512-token vocabulary
 SMOKE = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "fisher", "regmean")
-JUDGED = METHODS[:6]  # deterministic up to float rounding on any device
 TEXTS = ["Question: Tom has 12 apples. He gets 9 more. How many apples does he have? Answer: 21.",
          "List: 3, 1, 4, 1, 5, 9, 2, 6. Sorted: 1, 1, 2, 3, 4, 5, 6, 9.",
          "問題：太郎はりんごを3個持っています。5個もらいました。答え：8個です。"] * 20
@@ -91,18 +89,26 @@ def build_pool(root: Path, shape: dict) -> dict[str, Path]:
     return paths
 
 
+def registered() -> dict:
+    """Every merge method evomerge has (its registry), by name."""
+    from evomerge.merge.methods import METHODS
+
+    return dict(sorted(METHODS.items()))
+
+
 def recipe(method: str, paths: dict[str, Path], statistics_dir: Path):
-    from evomerge.recipe import METHODS as SPECS
+    """Two models (and the base where the method takes one), values between their search ranges' ends."""
     from evomerge.recipe import PSRecipe
 
-    spec = SPECS[method]
-    values = {"t": 0.3} if method == "slerp" else {"weight": [0.6, 0.4]}
-    if "density" in spec.per_model:
-        values["density"] = [0.5, 0.3]
-    parameters = {"seed": 7} if method.startswith("dare") else {}
+    spec = registered()[method]
+    values = {key: [value.search[0] + share * (value.search[1] - value.search[0]) for share in (0.6, 0.4)]
+              for key, value in spec.per_model.items()}
+    values.update({key: value.search[0] + 0.3 * (value.search[1] - value.search[0])
+                   for key, value in spec.per_group.items()})
+    parameters = {"seed": 7} if "seed" in spec.options else {}
     if spec.statistics:
         parameters = {"prompts": str(paths["base"].parent / "prompts.txt"), "statistics_dir": str(statistics_dir)}
-    return PSRecipe.uniform(method, str(paths["base"]) if spec.needs_base else None,
+    return PSRecipe.uniform(method, str(paths["base"]) if spec.takes_base else None,
                             [str(paths["expert_a"]), str(paths["expert_b"])], parameters=parameters, **values)
 
 
@@ -113,12 +119,13 @@ def merges(paths: dict[str, Path], device: str, work: Path) -> dict:
     """Every method on both paths on ``device``: tensors (on the CPU) and seconds per (method, path)."""
     import torch
 
-    from evomerge.merge import InMemoryMerger, merge_to_disk
+    from evomerge.merge.memory import InMemoryMerger
+    from evomerge.merge.stream import merge_to_disk
     from evomerge.modelio import CheckpointReader
 
     results = {}
     merger = InMemoryMerger(paths["base"], [paths["expert_a"], paths["expert_b"]], device=device)
-    for method in METHODS:
+    for method in registered():
         for path in ("disk", "memory"):
             started = time.perf_counter()
             try:
@@ -159,7 +166,7 @@ def difference(ours: dict, theirs: dict) -> tuple[float, float]:
 def check_merges(ours: dict, cpu: dict, device: str) -> None:
     import torch
 
-    for method in METHODS:
+    for method in registered():
         for path in ("disk", "memory"):
             state, seconds = ours[method, path]
             reference, cpu_seconds = cpu[method, path]
@@ -169,7 +176,7 @@ def check_merges(ours: dict, cpu: dict, device: str) -> None:
                 report(name, False, f"{type(error).__name__}: {error}")
                 continue
             share, ulps = difference(state, reference)
-            judged = method in JUDGED or None
+            judged = registered()[method].statistics is None or None  # statistics differ by device
             report(name, judged and ulps <= 1.0, f"{device} vs cpu: {share:.2e} of entries differ, max {ulps:.2f} "
                    f"bf16 ulp; {seconds:.2f}s vs {cpu_seconds:.2f}s ({cpu_seconds / max(seconds, 1e-9):.1f}x)")
         disk, memory = ours[method, "disk"][0], ours[method, "memory"][0]
@@ -183,7 +190,7 @@ def check_trims(paths: dict[str, Path], device: str) -> None:
     selection (torch.argsort(|delta|, descending=True)[:k], unstable) keeps the same tied entries on the device."""
     import torch
 
-    from evomerge.merge import methods
+    from evomerge.merge.methods import sparsify
     from evomerge.modelio import CheckpointReader
 
     base, expert = CheckpointReader(paths["base"]), CheckpointReader(paths["expert_a"])
@@ -191,14 +198,14 @@ def check_trims(paths: dict[str, Path], device: str) -> None:
     for name in base.names:
         a, b = base.read(name), expert.read(name)
         for density in (0.1, 0.3, 0.5, 0.9):
-            trims = [methods.trim(a.to(d), b.to(d), density) for d in ("cpu", device)]
+            trims = [sparsify.trim(a.to(d), b.to(d), density) for d in ("cpu", device)]
             checked += 1
             if trims[0] != trims[1]:
                 mismatches.append(f"{name}@{density}")
             if density == 0.3 and trims[0].threshold > 0:
                 delta = (b.to(device).float() - a.to(device).float()).reshape(-1)
                 theirs = torch.zeros(delta.numel(), dtype=torch.bool, device=device)
-                theirs[torch.argsort(delta.abs(), descending=True)[: methods.keep_count(delta.numel(), 0.3)]] = True
+                theirs[torch.argsort(delta.abs(), descending=True)[: sparsify.keep_count(delta.numel(), 0.3)]] = True
                 position = torch.arange(delta.numel(), device=device)
                 ours = (delta.abs() > trims[0].threshold) | ((delta.abs() == trims[0].threshold)
                                                               & (position < trims[0].cut))
@@ -216,7 +223,7 @@ def check_trims(paths: dict[str, Path], device: str) -> None:
 def generate(paths: dict[str, Path], device: str) -> list[list[int]]:
     import torch
 
-    from evomerge.merge import InMemoryMerger
+    from evomerge.merge.memory import InMemoryMerger
     from evomerge.modelio import load_tokenizer
 
     merger = InMemoryMerger(paths["base"], [paths["expert_a"], paths["expert_b"]], device=device)

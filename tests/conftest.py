@@ -59,6 +59,48 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def bf16_pool(root: Path, stds: dict[str, float | None], shared_std: float = 0.0) -> dict[str, Path]:
+    """bf16 checkpoints whose task vectors tie a lot, as real bf16 fine-tunes do: a base of std 0.02 and models
+    moved by a direction they share (N(0, shared_std)) plus N(0, std) of their own (None: the base itself), so
+    deltas are a few bf16 ulps (~150k parameters each)."""
+    config = MistralConfig(vocab_size=160, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           tie_word_embeddings=False)
+    generator = torch.Generator().manual_seed(0)
+    model = MistralForCausalLM(config).to(torch.bfloat16)
+    base = {name: torch.randn(tensor.shape, generator=generator) * 0.02 for name, tensor in model.state_dict().items()}
+    shared = {name: torch.randn(value.shape, generator=generator) * shared_std if shared_std else 0.0
+              for name, value in base.items()}
+    paths = {}
+    for name, std in stds.items():
+        state = {key: (value if std is None else value + shared[key] + torch.randn(value.shape, generator=generator)
+                       * std).to(torch.bfloat16) for key, value in base.items()}
+        model.load_state_dict(state)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tied_bf16(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 base and three fine-tunes moved by N(0, 1e-4), N(0, 2e-4) and N(0, 1.5e-4): the k-th largest
+    |delta| is shared by 5-30% of a tensor's entries."""
+    return bf16_pool(tmp_path_factory.mktemp("tied_bf16"),
+                     {"base": 0.0, "expert_a": 1e-4, "expert_b": 2e-4, "expert_c": 1.5e-4})
+
+
+def run_mergekit(config: dict, out: Path):
+    """mergekit 0.1.5's own merge of ``config`` into ``out``, read back (mergekit is a dev extra)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    from evomerge.modelio import CheckpointReader
+
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True)
+    run_merge(MergeConfiguration.model_validate(config), str(out), options)
+    return CheckpointReader(out)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoints):
     """The tiny checkpoints' tokenizer, loaded as generation needs it (left padding)."""

@@ -50,6 +50,16 @@ def broken(edit=None, edit_config=None, edit_tokenizer=None):
     return setup
 
 
+def truncated(keep: Callable[[int], int]):
+    """expert_a written anew by safetensors.torch.save_file, then cut to keep(<where its data starts>) bytes."""
+    def setup(tmp, ckpt, **_):
+        path = derived_checkpoint(ckpt["expert_a"], tmp / "broken", edit=lambda tensors: None)
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[:keep(8 + int.from_bytes(data[:8], "little"))])
+        return {"broken": str(path)}
+    return setup
+
+
 def llama(tmp, ckpt, **_):
     return {"broken": str(llama_twin(ckpt["base"], tmp / "llama"))}
 
@@ -143,11 +153,25 @@ ROWS = [
     Row("different vocab sizes", tiny_pool("{broken}"), "has vocab size 132 but", broken(bigger_vocab, bigger_vocab_config)),
     Row("different tokenizers", tiny_pool("{a}", "{broken}"), "has a different tokenizer",
         broken(edit_tokenizer=swapped_tokens)),
+    Row("safetensors file cut inside its header", tiny_pool("{a}", "{broken}"),
+        "{broken}/model.safetensors: not a valid safetensors file (truncated or corrupt: the file has 100 bytes, ending "
+        "inside its", truncated(lambda data_start: 100)),
+    Row("safetensors file cut inside its data", tiny_pool("{a}", "{broken}"),
+        "{broken}/model.safetensors: not a valid safetensors file (truncated or corrupt: its tensors need",
+        truncated(lambda data_start: data_start + 100)),
+    Row("safetensors file cut inside its data (eval)", ("eval", "model={broken}", "task=toy_ja_qa", OUT),
+        "{broken}/model.safetensors: not a valid safetensors file (truncated or corrupt: its tensors need",
+        truncated(lambda data_start: data_start + 100)),
     Row("pickle weights without allow_pickle", tiny_pool("{a}", "{broken}"), "set allow_pickle=true", pickled),
     Row("remote code without trust_remote_code", ("eval", "model={broken}", "task=toy_ja_qa", OUT),
         "needs its own Python code to load (trust_remote_code)", remote_code),
     Row("no base where the method needs one", ("merge", "recipe={tmp}/recipe.yaml", OUT),
         "ties needs a base model", recipe_file("method: ties\nmodels: ['{a}', '{b}']\n")),
+    Row("recipe that is not YAML", ("merge", "recipe={tmp}/recipe.yaml", OUT),
+        "recipe.yaml is not valid YAML (line 2, column 1)", recipe_file("method: [unclosed\n")),
+    Row("recipe with an unknown method option", ("merge", "recipe={tmp}/recipe.yaml", OUT),
+        "ties parameter 'normalize': input should be a valid boolean, got 'yes'",
+        recipe_file("method: ties\nbase: '{base}'\nmodels: ['{a}']\nparameters: {{normalize: 'yes'}}\n")),
     Row("density out of range (recipe)", ("merge", "recipe={tmp}/recipe.yaml", OUT),
         "density for model '{a}' must be in (0, 1], got 1.5",
         recipe_file("method: ties\nbase: '{base}'\nmodels: ['{a}']\ngroups: [{{name: blocks, density: 1.5}}]\n")),

@@ -262,7 +262,7 @@ class FaultyProblem:
 def faulty_problem(tiny_checkpoints, tmp_path_factory):
     from evomerge.eval.evaluator import Evaluator, ResultCache
     from evomerge.eval.task import load_task
-    from evomerge.merge import InMemoryMerger
+    from evomerge.merge.memory import InMemoryMerger
     from evomerge.modelio import load_tokenizer
 
     tasks = tmp_path_factory.mktemp("tasks")

@@ -166,7 +166,7 @@ def test_task_yaml_errors_name_the_file(tmp_path):
     with pytest.raises(TaskError, match=r"typo\.yaml: unknown key\(s\) \['split'\]"):
         load_task("typo", tasks_dir=tmp_path)
     (tmp_path / "metric.yaml").write_text("name: metric\nprimary_metric: f1\n" + valid)
-    with pytest.raises(TaskError, match=r"metric\.yaml: metric 'f1' is not one of"):
+    with pytest.raises(TaskError, match=r"metric\.yaml: primary_metric: Input should be 'acc', 'acc_ja' or 'ja_rate', got 'f1'"):
         load_task("metric", tasks_dir=tmp_path)
     (tmp_path / "short.yaml").write_text("name: short\nscorer: last_number\n")
     with pytest.raises(TaskError, match=r"short\.yaml: missing required key 'prompt'"):

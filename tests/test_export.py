@@ -24,7 +24,8 @@ from evomerge.export import (
     mergekit_config,
     mergekit_yaml,
 )
-from evomerge.merge import MergeError, merge_to_disk
+from evomerge.errors import MergeError
+from evomerge.merge.stream import merge_to_disk
 from evomerge.merge.groups import assign_groups
 from evomerge.modelio import CheckpointReader
 from evomerge.recipe import GroupValues, PSRecipe

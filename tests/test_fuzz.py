@@ -11,15 +11,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evomerge.merge import InMemoryMerger
-from evomerge.recipe import METHODS as METHOD_SPECS
+from evomerge.merge.memory import InMemoryMerger
+from evomerge.merge.methods import METHODS as METHOD_SPECS
 from evomerge.recipe import PSRecipe, RecipeError
 from evomerge.search.genome import PSGenomeSpace
 
 GROUPS = ("embed", "blocks.0", "blocks.1", "head")
-RANGES = {"weight": (0.0, 1.5), "density": (0.1, 1.0), "t": (0.0, 1.0)}  # the default search ranges
 EDGES = [0.0, -0.0, 1.0, 5e-324, 1 - 1e-16, 1 + 1e-16, -1e-16, -1e300, 1e300, math.inf, -math.inf]
-METHODS = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear", "slerp"]
+# every method with something to search and no prompt statistics (those need prompts: test_merge_statistics)
+METHODS = sorted(name for name, spec in METHOD_SPECS.items() if spec.values and spec.statistics is None)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def pool(tiny_checkpoints):
 
 def space(pool, method: str, shared: bool) -> PSGenomeSpace:
     base, models, _ = pool
-    return PSGenomeSpace(method=method, base=base if METHOD_SPECS[method].needs_base else None, models=models, groups=GROUPS,
-                         shared=shared, ranges=RANGES)
+    return PSGenomeSpace(method=method, base=base if METHOD_SPECS[method].takes_base else None, models=models,
+                         groups=GROUPS, shared=shared)
 
 
 coordinate = st.one_of(st.floats(min_value=-3.0, max_value=4.0), st.sampled_from(EDGES))
@@ -44,9 +44,9 @@ def test_any_genome_decodes_merges_and_runs_finite(pool, tmp_path_factory, metho
     genome = np.array(data.draw(st.lists(coordinate, min_size=genome_space.dim, max_size=genome_space.dim)))
     recipe = genome_space.decode(genome)
 
-    for group in recipe.groups:  # decoded values stay inside the configured ranges
+    for group in recipe.groups:  # decoded values stay inside the method's search ranges
         for key, value in group.values.items():
-            low, high = RANGES[key]
+            low, high = genome_space.range(key)
             assert all(low <= v <= high for v in (value if isinstance(value, tuple) else (value,)))
     assert PSRecipe.from_yaml(recipe.to_yaml()) == recipe
     saved = recipe.save(tmp_path_factory.mktemp("recipe") / "recipe.yaml")

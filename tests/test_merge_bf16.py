@@ -9,38 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import MistralConfig, MistralForCausalLM
 
 from evomerge.export import mergekit_yaml
-from evomerge.merge import InMemoryMerger, merge_to_disk
-from evomerge.merge import methods as evomerge_methods
+from evomerge.merge.memory import InMemoryMerger
+from evomerge.merge.stream import merge_to_disk
+from evomerge.merge.methods import sparsify
 from evomerge.modelio import CheckpointReader
 from evomerge.recipe import GroupValues, PSRecipe
 
 GROUPS = ("embed", "blocks.0", "blocks.1", "head")
 MAX_DIFFERENT = 1e-4  # of all entries; a 0.1% mis-trim changes ~10x as many
 BF16_ULP = 2.0**-7  # one unit in the last place, relative to the leading power of two
-
-
-@pytest.fixture(scope="module")
-def tied_bf16(tmp_path_factory) -> dict[str, Path]:
-    """A base with weights of std 0.02 and two fine-tunes moved by N(0, 1e-4) and N(0, 2e-4), all in bf16
-    (~150k parameters): the k-th largest |delta| is shared by 5-30% of a tensor's entries."""
-    root = tmp_path_factory.mktemp("tied_bf16")
-    config = MistralConfig(vocab_size=160, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=False)
-    generator = torch.Generator().manual_seed(0)
-    model = MistralForCausalLM(config).to(torch.bfloat16)
-    base = {name: torch.randn(tensor.shape, generator=generator) * 0.02 for name, tensor in model.state_dict().items()}
-    paths = {}
-    for name, std in (("base", 0.0), ("expert_a", 1e-4), ("expert_b", 2e-4)):
-        state = {key: (value + torch.randn(value.shape, generator=generator) * std).to(torch.bfloat16)
-                 for key, value in base.items()}
-        model.load_state_dict(state)
-        paths[name] = root / name
-        model.save_pretrained(paths[name])
-    return paths
 
 
 def per_group_recipe(method: str, paths: dict[str, Path], **parameters) -> PSRecipe:
@@ -63,7 +42,7 @@ def test_the_fixture_ties_a_lot(tied_bf16):
     base, expert = CheckpointReader(tied_bf16["base"]), CheckpointReader(tied_bf16["expert_a"])
     name = "model.layers.0.mlp.up_proj.weight"
     delta = expert.read(name).float() - base.read(name).float()
-    trim = evomerge_methods.trim(base.read(name), expert.read(name), 0.2)
+    trim = sparsify.trim(base.read(name), expert.read(name), 0.2)
     assert float((delta.abs() == trim.threshold).float().mean()) > 0.05
 
 

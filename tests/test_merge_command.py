@@ -7,8 +7,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from evomerge.merge import MergeError
-from evomerge.merge.command import merge_command, recipe_from_merge_config
+from evomerge.errors import MergeError
+from evomerge.merge.command import merge_command
 from evomerge.modelio import CheckpointReader
 from evomerge.recipe import METHODS, PSRecipe
 from evomerge.resources import CONF_DIR
@@ -21,7 +21,7 @@ def test_every_method_has_a_config_that_builds_a_recipe():
                for path in CONF.glob("*.yaml")}
     assert set(configs) == set(METHODS)
     for method, config in configs.items():
-        recipe = recipe_from_merge_config(config, "base", ["a", "b"])
+        recipe = PSRecipe.from_merge_config(config, "base", ["a", "b"])
         assert recipe.method == method
     assert configs["ties"] == {"method": "ties", "weight": 1.0, "density": 0.5, "lambda": 1.0, "normalize": True}
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.merge import MergeError, merge_to_disk
+from evomerge.errors import MergeError
+from evomerge.merge.stream import merge_to_disk
 from evomerge.recipe import PSRecipe, RecipeError
 from tests.helpers.checkpoints import UP_PROJ, bigger_vocab, bigger_vocab_config, derived_checkpoint, llama_twin, narrower
 

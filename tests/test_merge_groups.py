@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.merge.groups import (
     TensorPlace,
     assign_groups,

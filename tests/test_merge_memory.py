@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import InMemoryMerger, MergeError, merge_to_disk
+from evomerge.merge.memory import InMemoryMerger
+from evomerge.errors import MergeError
+from evomerge.merge.stream import merge_to_disk
 from evomerge.modelio import CheckpointReader, load_model, load_tokenizer
+from evomerge.merge.methods import METHODS
 from evomerge.recipe import PSRecipe
 
 PROMPTS = ["Question: Tom has 12 apples. He gets 9 more.", "問題：太郎はりんごを3個持っています。"]
@@ -25,7 +28,7 @@ def recipe_for(method, paths, tmp_path):
         "slerp": lambda i: {"t": 0.2 * i},
         "fisher": lambda i: {"weight": [1.0, 0.5 + i]},
         "regmean": lambda i: {"weight": [1.0, 0.5 + i]},
-    }[method]
+    }.get(method, lambda i: spread_values(METHODS[method], i))
     parameters = {}
     if method in ("fisher", "regmean"):
         prompts = tmp_path / "prompts.txt"
@@ -33,14 +36,24 @@ def recipe_for(method, paths, tmp_path):
         parameters = {"prompts": str(prompts), "statistics_dir": str(tmp_path / "stats")}
     if method == "dare_linear":
         parameters = {"rescale": "l1", "seed": 11}
-    needs_base = method in ("task_arithmetic", "ties", "dare_ties", "dare_linear")
     return PSRecipe(
         method=method,
-        base=str(base) if needs_base else None,
+        base=str(base) if METHODS[method].takes_base else None,
         models=tuple(str(model) for model in models),
         groups=tuple({"name": name, **values(index)} for index, name in enumerate(groups)),
         parameters=parameters,
     )
+
+
+def spread_values(spec, group: int) -> dict:
+    """Values inside the method's search ranges that differ between groups and models."""
+    def at(value, share):
+        low, high = value.search
+        return low + (high - low) * min(share, 0.95)
+    values = {key: [at(value, 0.3 + 0.1 * group + 0.2 * model) for model in range(2)]
+              for key, value in spec.per_model.items()}
+    values.update({key: at(value, 0.2 + 0.2 * group) for key, value in spec.per_group.items()})
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +61,7 @@ def merger(tiny_checkpoints):
     return InMemoryMerger(tiny_checkpoints["base"], [tiny_checkpoints["expert_a"], tiny_checkpoints["expert_b"]])
 
 
-@pytest.mark.parametrize(
-    "method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "fisher", "regmean"]
-)
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_candidate_equals_disk_merge_bit_for_bit(merger, tiny_checkpoints, tmp_path, method):
     recipe = recipe_for(method, tiny_checkpoints, tmp_path)
     model = merger.merge(recipe)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from evomerge.merge import merge_to_disk
+from conftest import run_mergekit
+from evomerge.merge.stream import merge_to_disk
 from evomerge.modelio import CheckpointReader
 from evomerge.recipe import PSRecipe
 
@@ -14,13 +15,6 @@ mergekit_config = pytest.importorskip("mergekit.config", reason="mergekit (a dev
 mergekit_merge = pytest.importorskip("mergekit.merge", reason="mergekit (a dev extra) is not installed")
 
 BF16_RESOLUTION = 2.0**-8
-
-
-def run_mergekit(config: dict, out) -> CheckpointReader:
-    merge_config = mergekit_config.MergeConfiguration.model_validate(config)
-    options = mergekit_merge.MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=True)
-    mergekit_merge.run_merge(merge_config, str(out), options)
-    return CheckpointReader(out)
 
 
 CASES = {
@@ -73,14 +67,14 @@ def test_trim_agrees_with_mergekits_except_among_ties(density):
     and as many of the tied ones; only which tied ones may differ (evomerge keeps the lowest indices)."""
     from mergekit.sparsify import magnitude
 
-    from evomerge.merge import methods
+    from evomerge.merge.methods import sparsify
 
     generator = torch.Generator().manual_seed(4)
     base = (torch.randn(300, 1000, generator=generator) * 0.02).to(torch.bfloat16)
     tensor = (base.float() + torch.randn(300, 1000, generator=generator) * 1e-4).to(torch.bfloat16)
     delta = tensor.float() - base.float()
     theirs = magnitude(delta, density) != 0
-    trim = methods.trim(base, tensor, density)
+    trim = sparsify.trim(base, tensor, density)
     position = torch.arange(delta.numel()).reshape(delta.shape)
     ours = (delta.abs() > trim.threshold) | ((delta.abs() == trim.threshold) & (position < trim.cut))
     ours &= delta != 0

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from evomerge.merge import methods
+from evomerge.merge.methods import kernels, sparsify
+from evomerge.merge.methods.dare import dare_linear, dare_ties
+from evomerge.merge.methods.fisher import fisher
+from evomerge.merge.methods.linear import linear
+from evomerge.merge.methods.regmean import regmean, shrink_gram
+from evomerge.merge.methods.slerp import slerp
+from evomerge.merge.methods.task_arithmetic import task_arithmetic
+from evomerge.merge.methods.ties import ties
 
 T = torch.tensor
 
@@ -15,8 +22,8 @@ T = torch.tensor
 def test_linear_weighted_average_and_sum():
     first, second = T([1.0, 2.0]), T([3.0, 6.0])
     # (1*1 + 3*3) / 4 = 2.5 ; (1*2 + 3*6) / 4 = 5
-    assert torch.equal(methods.linear([first, second], [1.0, 3.0]), T([2.5, 5.0]))
-    assert torch.equal(methods.linear([first, second], [1.0, 3.0], normalize=False), T([10.0, 20.0]))
+    assert torch.equal(linear([first, second], [1.0, 3.0]), T([2.5, 5.0]))
+    assert torch.equal(linear([first, second], [1.0, 3.0], normalize=False), T([10.0, 20.0]))
 
 
 def test_task_arithmetic_scales_summed_task_vectors():
@@ -24,9 +31,9 @@ def test_task_arithmetic_scales_summed_task_vectors():
     first = T([2.0, 0.0, 1.0])  # task vector [1, -1, 0]
     second = T([1.0, 3.0, 3.0])  # task vector [0, 2, 2]
     # 0.5*[1,-1,0] + 1*[0,2,2] = [0.5, 1.5, 2]; lambda 2 -> [1, 3, 4]; + base
-    result = methods.task_arithmetic(base, [first, second], [0.5, 1.0], scale=2.0)
+    result = task_arithmetic(base, [first, second], [0.5, 1.0], scale=2.0)
     assert torch.equal(result, T([2.0, 4.0, 5.0]))
-    normalized = methods.task_arithmetic(base, [first, second], [0.5, 1.0], normalize=True)
+    normalized = task_arithmetic(base, [first, second], [0.5, 1.0], normalize=True)
     torch.testing.assert_close(normalized, base + T([0.5, 1.5, 2.0]) / 1.5)
 
 
@@ -41,9 +48,9 @@ def test_ties_trims_elects_and_takes_disjoint_mean():
     # Weighted: A [4,0,0,-2]  B [-1.5,0,1.5,0]  C [0,5,0,-4]; sums [2.5, 5, 1.5, -6] -> signs + + + -
     # Agreeing entries: [A 4 | C 5 | B 1.5 | A -2, C -4]; their weights [1 | 1 | 0.5 | 2]
     tensors = [BASE + delta for delta in DELTAS]
-    merged = methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3)
+    merged = ties(BASE, tensors, WEIGHTS, [0.5] * 3)
     assert torch.equal(merged, BASE + T([4.0, 5.0, 3.0, -3.0]))
-    summed = methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3, normalize=False, scale=0.5)
+    summed = ties(BASE, tensors, WEIGHTS, [0.5] * 3, normalize=False, scale=0.5)
     assert torch.equal(summed, BASE + 0.5 * T([4.0, 5.0, 1.5, -6.0]))
 
 
@@ -52,16 +59,16 @@ def test_ties_with_full_density_keeps_every_entry():
     # no trim; weighted sums [2.5, 1.5, 1.5, -6.05] -> + + + -
     # entry 0: A 4, C 1 (w 2) -> 2.5; entry 1: C 5 (w 1) -> 5; entry 2: A .5, B 1.5 (w 1.5) -> 4/3;
     # entry 3: A -2, C -4 (w 2) -> -3
-    merged = methods.ties(BASE, tensors, WEIGHTS, [1.0] * 3)
+    merged = ties(BASE, tensors, WEIGHTS, [1.0] * 3)
     torch.testing.assert_close(merged, BASE + T([2.5, 5.0, 4.0 / 3.0, -3.0]))
 
 
 def test_ties_accepts_precomputed_tables():
     tensors = [BASE + delta for delta in DELTAS]
-    tables = [methods.magnitude_table(BASE, tensor) for tensor in tensors]
+    tables = [sparsify.magnitude_table(BASE, tensor) for tensor in tensors]
     assert torch.equal(
-        methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3, tables=tables),
-        methods.ties(BASE, tensors, WEIGHTS, [0.5] * 3),
+        ties(BASE, tensors, WEIGHTS, [0.5] * 3, tables=tables),
+        ties(BASE, tensors, WEIGHTS, [0.5] * 3),
     )
 
 
@@ -75,7 +82,7 @@ def stable_top_k(base, tensor, density):
     """The trim's definition: a stable descending sort's first k, i.e. the lowest flat indices among ties."""
     magnitude = (tensor.float() - base.float()).abs().reshape(-1)
     keep = torch.zeros(magnitude.numel(), dtype=torch.bool)
-    keep[magnitude.argsort(descending=True, stable=True)[: methods.keep_count(magnitude.numel(), density)]] = True
+    keep[magnitude.argsort(descending=True, stable=True)[: sparsify.keep_count(magnitude.numel(), density)]] = True
     return keep
 
 
@@ -90,22 +97,22 @@ def tied_pair(numel, dtype, seed, delta_std=1e-4):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_trim_keeps_exactly_k_with_the_lowest_indices_among_ties(dtype, monkeypatch):
     # several chunks and sketch runs per tensor below; sketch rows for a few tied magnitudes, not for others
-    monkeypatch.setattr(methods, "_BITS_CHUNK", 1 << 18)
-    monkeypatch.setattr(methods, "_SKETCH_CHUNK", 4 * methods.TIE_CHUNK)
-    monkeypatch.setattr(methods, "_SKETCH_MIN_TIES", 16)
-    monkeypatch.setattr(methods, "_SKETCH_ROWS", 8)
-    for numel in (1, 7, 1000, 3 * methods.TIE_CHUNK + 11, 1_200_000):
+    monkeypatch.setattr(sparsify, "BITS_CHUNK", 1 << 18)
+    monkeypatch.setattr(sparsify, "_SKETCH_CHUNK", 4 * sparsify.TIE_CHUNK)
+    monkeypatch.setattr(sparsify, "_SKETCH_MIN_TIES", 16)
+    monkeypatch.setattr(sparsify, "_SKETCH_ROWS", 8)
+    for numel in (1, 7, 1000, 3 * sparsify.TIE_CHUNK + 11, 1_200_000):
         base, tensor = tied_pair(numel, dtype, seed=numel)
         nonzero = (tensor.float() - base.float()).reshape(-1) != 0  # zeros add nothing, whichever are kept
-        table = methods.magnitude_table(base, tensor)
+        table = sparsify.magnitude_table(base, tensor)
         for density in (0.013, 0.2, 0.5, 0.9, 1.0):
-            trim = methods.trim(base, tensor, density)
-            assert methods.trim(base, tensor, density, table) == trim
+            trim = sparsify.trim(base, tensor, density)
+            assert sparsify.trim(base, tensor, density, table) == trim
             kept = kept_by(base, tensor, trim)
             assert torch.equal(kept & nonzero, stable_top_k(base, tensor, density) & nonzero), (numel, density)
             if trim.threshold > 0:
-                assert int(kept.sum()) == methods.keep_count(numel, density)
-    assert methods.keep_count(10, 0.01) == 1
+                assert int(kept.sum()) == sparsify.keep_count(numel, density)
+    assert sparsify.keep_count(10, 0.01) == 1
 
 
 def test_bf16_task_vectors_tie_a_lot():
@@ -113,27 +120,27 @@ def test_bf16_task_vectors_tie_a_lot():
     base, tensor = tied_pair(1_000_000, torch.bfloat16, seed=5)
     magnitude = (tensor.float() - base.float()).abs()
     for density, over in ((0.2, 1.7), (0.5, 1.1)):
-        trim = methods.trim(base, tensor, density)
+        trim = sparsify.trim(base, tensor, density)
         at_least = int((magnitude >= trim.threshold).sum())
-        assert at_least > over * methods.keep_count(magnitude.numel(), density)
-        assert int(kept_by(base, tensor, trim).sum()) == methods.keep_count(magnitude.numel(), density)
+        assert at_least > over * sparsify.keep_count(magnitude.numel(), density)
+        assert int(kept_by(base, tensor, trim).sum()) == sparsify.keep_count(magnitude.numel(), density)
 
 
 def test_magnitude_tables_are_small():
     base, tensor = tied_pair(1_200_000, torch.bfloat16, seed=1)
-    exact = methods.magnitude_table(base, tensor)
+    exact = sparsify.magnitude_table(base, tensor)
     assert exact.shift == 0 and exact.nbytes < 0.05 * base.numel()  # vs 2 bytes a parameter for the tensor
     base, tensor = tied_pair(1_200_000, torch.float32, seed=1)
-    coarse = methods.magnitude_table(base, tensor)
+    coarse = sparsify.magnitude_table(base, tensor)
     assert coarse.shift == 16 and coarse.nbytes <= 8 * 2**15
 
 
-KEYS = [methods.dare_key(3, "t", index) for index in range(3)]
+KEYS = [sparsify.dare_key(3, "t", index) for index in range(3)]
 
 
 def dare_reference(base, deltas, weights, density, keys, *, consensus, normalize):
     """DARE written out entry by entry: keep where draw < density, survivors / density, then TIES or a sum."""
-    kept = [[float(d) / density if float(u) < density else 0.0 for d, u in zip(delta, methods.dare_draws(len(delta), key))]
+    kept = [[float(d) / density if float(u) < density else 0.0 for d, u in zip(delta, sparsify.dare_draws(len(delta), key))]
             for delta, key in zip(deltas, keys)]
     merged = []
     for entry in range(len(base)):
@@ -152,7 +159,7 @@ def dare_reference(base, deltas, weights, density, keys, *, consensus, normalize
 def test_dare_at_full_density_is_task_arithmetic():
     tensors = [BASE + delta for delta in DELTAS]
     # nothing dropped, survivors scaled by 1/1: A + 0.5 B + C = [3.5, 3, 1, -5.95]
-    merged = methods.dare_linear(BASE, tensors, WEIGHTS, [1.0] * 3, KEYS)
+    merged = dare_linear(BASE, tensors, WEIGHTS, [1.0] * 3, KEYS)
     torch.testing.assert_close(merged, BASE + T([3.5, 3.0, 1.0, -5.95]))
 
 
@@ -162,7 +169,7 @@ def test_dare_drops_by_draw_and_rescales_by_inverse_density(consensus, normalize
     generator = torch.Generator().manual_seed(2)
     base = torch.randn(64, generator=generator)
     deltas = [torch.randn(64, generator=generator) for _ in range(3)]
-    merge = methods.dare_ties if consensus else methods.dare_linear
+    merge = dare_ties if consensus else dare_linear
     merged = merge(base, [base + delta for delta in deltas], WEIGHTS, [0.4] * 3, KEYS, normalize=normalize)
     expected = dare_reference(base, [base + delta - base for delta in deltas], WEIGHTS, 0.4, KEYS,
                               consensus=consensus, normalize=normalize)
@@ -172,20 +179,20 @@ def test_dare_drops_by_draw_and_rescales_by_inverse_density(consensus, normalize
 def test_dare_l1_rescale_restores_each_task_vectors_l1_norm():
     delta = torch.linspace(-2.0, 3.0, 50)
     base = torch.zeros(50)
-    keep = methods.dare_draws(50, KEYS[0]) < 0.5
+    keep = sparsify.dare_draws(50, KEYS[0]) < 0.5
     assert 0 < int(keep.sum()) < 50
-    merged = methods.dare_linear(base, [delta], [1.0], [0.5], KEYS[:1], rescale="l1")
+    merged = dare_linear(base, [delta], [1.0], [0.5], KEYS[:1], rescale="l1")
     factor = float(delta.abs().sum()) / float(delta[keep].abs().sum())
     torch.testing.assert_close(merged, torch.where(keep, delta * factor, 0.0))
 
 
 def test_dare_draws_are_seeded_per_tensor_and_model():
     name = "model.layers.0.mlp.up_proj.weight"
-    draws = methods.dare_draws(200_000, methods.dare_key(7, name, 1))
-    assert torch.equal(draws, methods.dare_draws(200_000, methods.dare_key(7, name, 1)))
-    others = [methods.dare_key(7, name, 0), methods.dare_key(8, name, 1), methods.dare_key(7, name.replace("0", "1"), 1)]
+    draws = sparsify.dare_draws(200_000, sparsify.dare_key(7, name, 1))
+    assert torch.equal(draws, sparsify.dare_draws(200_000, sparsify.dare_key(7, name, 1)))
+    others = [sparsify.dare_key(7, name, 0), sparsify.dare_key(8, name, 1), sparsify.dare_key(7, name.replace("0", "1"), 1)]
     for key in others:
-        other = methods.dare_draws(200_000, key)
+        other = sparsify.dare_draws(200_000, key)
         assert abs(float(torch.corrcoef(torch.stack([draws, other]))[0, 1])) < 0.01
     assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
     counts = torch.histc(draws, bins=10, min=0.0, max=1.0) / draws.numel()
@@ -197,37 +204,37 @@ def test_dare_draws_are_seeded_per_tensor_and_model():
 
 def test_slerp_follows_the_great_circle():
     first, second = T([2.0, 0.0]), T([0.0, 2.0])  # orthogonal, angle pi/2
-    half = methods.slerp(0.5, first, second)
+    half = slerp(0.5, first, second)
     torch.testing.assert_close(half, T([2 * math.sqrt(0.5), 2 * math.sqrt(0.5)]))
-    third = methods.slerp(1 / 3, first, second)
+    third = slerp(1 / 3, first, second)
     torch.testing.assert_close(third, T([2 * math.cos(math.pi / 6), 2 * math.sin(math.pi / 6)]))
-    assert torch.equal(methods.slerp(0.0, first, second), first)
+    assert torch.equal(slerp(0.0, first, second), first)
 
 
 def test_slerp_of_parallel_tensors_is_linear():
-    torch.testing.assert_close(methods.slerp(0.25, T([1.0, 1.0]), T([3.0, 3.0])), T([1.5, 1.5]))
+    torch.testing.assert_close(slerp(0.25, T([1.0, 1.0]), T([3.0, 3.0])), T([1.5, 1.5]))
 
 
 def test_fisher_weights_each_entry_by_its_importance():
     tensors = [T([1.0, 2.0]), T([3.0, 4.0])]
     fishers = [T([1.0, 0.0]), T([3.0, 1.0])]
     # entry 0: (1*1 + 3*3) / (1 + 3) = 2.5 ; entry 1: F floored at 1e-6 -> (1e-6*2 + 4) / (1 + 1e-6)
-    merged = methods.fisher(tensors, fishers, [1.0, 1.0], floor=1e-6)
+    merged = fisher(tensors, fishers, [1.0, 1.0], floor=1e-6)
     torch.testing.assert_close(merged, T([2.5, (2e-6 + 4.0) / (1.0 + 1e-6)]))
     # weights scale the importances: entry 0 (2*1*1 + 3*3) / (2 + 3)
-    torch.testing.assert_close(methods.fisher(tensors, fishers, [2.0, 1.0])[0], T(11.0 / 5.0))
+    torch.testing.assert_close(fisher(tensors, fishers, [2.0, 1.0])[0], T(11.0 / 5.0))
 
 
 def test_regmean_with_diagonal_grams():
     weights = [T([[1.0, 2.0]]), T([[5.0, 6.0]])]  # one output, two inputs
     grams = [torch.diag(T([3.0, 1.0])), torch.diag(T([1.0, 1.0]))]
     # (W1 G1 + W2 G2)(G1 + G2)^-1 = ([3, 2] + [5, 6]) diag(1/4, 1/2) = [2, 4]
-    torch.testing.assert_close(methods.regmean(weights, grams, [1.0, 1.0], alpha=0.5), T([[2.0, 4.0]]))
+    torch.testing.assert_close(regmean(weights, grams, [1.0, 1.0], alpha=0.5), T([[2.0, 4.0]]))
 
 
 def test_regmean_shrinks_off_diagonal_terms():
     gram = T([[2.0, 1.0], [1.0, 2.0]])
-    assert torch.equal(methods.shrink_gram(gram, 0.5), T([[2.0, 0.5], [0.5, 2.0]]))
+    assert torch.equal(shrink_gram(gram, 0.5), T([[2.0, 0.5], [0.5, 2.0]]))
 
 
 def test_regmean_minimises_the_summed_output_error():
@@ -235,7 +242,7 @@ def test_regmean_minimises_the_summed_output_error():
     inputs = [torch.randn(40, 5, generator=generator) for _ in range(2)]
     layers = [torch.randn(3, 5, generator=generator) for _ in range(2)]
     grams = [x.T @ x for x in inputs]
-    merged = methods.regmean(layers, grams, [1.0, 1.0], alpha=1.0)
+    merged = regmean(layers, grams, [1.0, 1.0], alpha=1.0)
     # independent least squares: stack both models' inputs and their layers' outputs
     stacked_inputs = torch.cat(inputs)
     stacked_outputs = torch.cat([x @ w.T for x, w in zip(inputs, layers)])
@@ -245,7 +252,7 @@ def test_regmean_minimises_the_summed_output_error():
 
 def test_results_come_back_in_the_checkpoint_dtype():
     base = T([1.0, 2.0]).to(torch.bfloat16)
-    merged = methods.task_arithmetic(base, [base + 1], [0.5])
+    merged = task_arithmetic(base, [base + 1], [0.5])
     assert merged.dtype == torch.bfloat16
     assert torch.equal(merged, T([1.5, 2.5]).to(torch.bfloat16))
 
@@ -253,25 +260,25 @@ def test_results_come_back_in_the_checkpoint_dtype():
 @pytest.mark.slow
 def test_compiled_kernels_match_eager(monkeypatch):
     """Big tensors run through torch.compile; the fused kernels must give the eager results exactly."""
-    size = 4 * methods.COMPILE_MIN_NUMEL + 7
+    size = 4 * kernels.COMPILE_MIN_NUMEL + 7
     generator = torch.Generator().manual_seed(3)
     base = (torch.randn(size, generator=generator) * 0.02).to(torch.bfloat16)
     tensors = [(base.float() + torch.randn(size, generator=generator) * 0.002).to(torch.bfloat16) for _ in range(3)]
     fishers = [torch.rand(size, generator=generator) for _ in range(3)]
-    keys = [methods.dare_key(0, "w", index) for index in range(3)]
+    keys = [sparsify.dare_key(0, "w", index) for index in range(3)]
     weights, densities = [0.5, 0.3, 0.2], [0.3, 0.5, 0.7]
     cases = {
-        "linear": lambda: methods.linear(tensors, weights),
-        "task_arithmetic": lambda: methods.task_arithmetic(base, tensors, weights, scale=0.7, normalize=True),
-        "ties": lambda: methods.ties(base, tensors, weights, densities),
-        "dare_ties": lambda: methods.dare_ties(base, tensors, weights, densities, keys, rescale="l1"),
-        "dare_linear": lambda: methods.dare_linear(base, tensors, weights, densities, keys),
-        "slerp": lambda: methods.slerp(0.3, tensors[0], tensors[1]),
-        "fisher": lambda: methods.fisher(tensors, fishers, weights),
-        "trim": lambda: torch.tensor([methods.trim(base, tensors[0], 0.3).threshold,
-                                      methods.trim(base, tensors[0], 0.3).cut]),
+        "linear": lambda: linear(tensors, weights),
+        "task_arithmetic": lambda: task_arithmetic(base, tensors, weights, scale=0.7, normalize=True),
+        "ties": lambda: ties(base, tensors, weights, densities),
+        "dare_ties": lambda: dare_ties(base, tensors, weights, densities, keys, rescale="l1"),
+        "dare_linear": lambda: dare_linear(base, tensors, weights, densities, keys),
+        "slerp": lambda: slerp(0.3, tensors[0], tensors[1]),
+        "fisher": lambda: fisher(tensors, fishers, weights),
+        "trim": lambda: torch.tensor([sparsify.trim(base, tensors[0], 0.3).threshold,
+                                      sparsify.trim(base, tensors[0], 0.3).cut]),
     }
     compiled = {name: run() for name, run in cases.items()}
-    monkeypatch.setattr(methods, "_compile_enabled", False)
+    monkeypatch.setattr(kernels, "_compile_enabled", False)
     for name, run in cases.items():
         assert torch.equal(compiled[name], run()), name

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.merge import statistics as stats
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.recipe import PSRecipe

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM
 
-from evomerge.merge import MergeError, merge_to_disk
+from evomerge.errors import MergeError
+from evomerge.merge.stream import merge_to_disk
 from evomerge.modelio import CheckpointReader
 from evomerge.recipe import PSRecipe
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.recipe import GroupValues, PSRecipe, RecipeError
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from evomerge.cli import main
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.recipe import PSRecipe
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES

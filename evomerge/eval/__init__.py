@@ -7,9 +7,10 @@ Typical use (a search builds the Evaluator once and calls `evaluate` per candida
     result = evaluator.evaluate(model, model_key=recipe_hash)   # result.metrics["score"] is the fitness
 """
 
+from evomerge.errors import TaskError
 from evomerge.eval.evaluator import EvalResult, Evaluator, ResultCache
 from evomerge.eval.generate import GenerationSettings, encode_prompts, generate_encoded, generate_greedy
-from evomerge.eval.task import CompositeTask, Example, SplitData, Task, TaskError, available_tasks, load_task
+from evomerge.eval.task import CompositeTask, Example, SplitData, Task, available_tasks, load_task
 
 __all__ = [
     "CompositeTask",

@@ -16,8 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge.errors import TaskError
 from evomerge.eval.evaluator import Evaluator, ResultCache, generation_options
-from evomerge.eval.task import CONFIG_VARIABLES, TaskError, load_task
+from evomerge.eval.task import CONFIG_VARIABLES, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pool import check_placement

@@ -38,7 +38,7 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, StaticCache
 
-from evomerge.eval.task import TaskError
+from evomerge.errors import TaskError
 
 # A prompt batch grows while its padding is at most this share of its prompt tokens (after the shared
 # prefix): pads there cost a full forward. A decode group grows while its padding is at most

@@ -11,13 +11,11 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
+from evomerge.errors import LanguageModelMissingError
+
 JAPANESE_LABEL = "__label__ja"
 JAPANESE_THRESHOLD = 0.5
 _ALL_LABELS = -1
-
-
-class LanguageModelMissingError(FileNotFoundError):
-    """lid.176.ftz (or the fastText runtime) is not installed, so the Japanese check cannot run."""
 
 
 def lid_model_path() -> Path:

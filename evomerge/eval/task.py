@@ -26,13 +26,16 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import Self
 
 from evomerge.eval.language import is_japanese, japanese_probabilities
 from evomerge.eval.scoring import (
@@ -43,19 +46,18 @@ from evomerge.eval.scoring import (
     parse_gold_number,
     phrase_in_first_line,
 )
+from evomerge.errors import TaskError
 from evomerge.resources import DATA_DIR, TASKS_DIR
 
 TASK_FILE_SUFFIXES = (".yaml", ".yml")  # a task name ending in one of these is the path of a task file
-SCORERS = ("last_number", "phrase_first_line")
-SAMPLE_METRICS = ("acc", "acc_ja", "ja_rate")
+Scorer = Literal["last_number", "phrase_first_line"]
+Metric = Literal["acc", "acc_ja", "ja_rate"]
+SCORERS: tuple[str, ...] = get_args(Scorer)
+SAMPLE_METRICS: tuple[str, ...] = get_args(Metric)
 # Task variables that are also top-level config settings, passed to every task a command loads (eval, search).
 CONFIG_VARIABLES = ("mgsm_dir", "mgsm_search_file")
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
 _TEMPLATE_FIELD = re.compile(r"\{(question|answer)\}")
-
-
-class TaskError(ValueError):
-    """A task definition, its variables or its data are wrong; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -88,20 +90,113 @@ class SampleScore:
         return self.correct and self.is_japanese
 
 
-@dataclass(frozen=True)
-class HubSource:
+class _Schema(BaseModel):
+    """A section of a task YAML: strict types (4, not '4'), and a misspelt key refused with the allowed ones."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        unknown = sorted(map(str, set(data) - set(cls.model_fields))) if isinstance(data, dict) else []
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown}; allowed: {sorted(cls.model_fields)}")
+        return data
+
+    @classmethod
+    def load(cls, config: dict[str, Any], path: Path) -> Self:
+        """Validate `config` read from `path`; pydantic's first problem becomes one TaskError line naming the file
+        and the key path (`<file>: <key path>: <what is wrong>`), not pydantic's multi-line dump."""
+        try:
+            return cls.model_validate(config)
+        except ValidationError as error:
+            problems = error.errors(include_url=False)
+        first, more = problems[0], f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+        if first["type"] == "missing":
+            raise TaskError(f"{path}: missing required key {key!r}{more}")
+        if first["type"] == "value_error":  # our validators' own messages, without pydantic's "Value error, "
+            what = str(first["ctx"]["error"])
+        else:  # pydantic's class names mean nothing to whoever wrote the YAML
+            what = f"{first['msg'].split(' or instance of ')[0]}, got {reprlib.repr(first['input'])}"
+        raise TaskError(f"{path}: {key + ': ' if key else ''}{what}{more}")
+
+
+class HubSource(_Schema):  # datasets.load_dataset(path, name, split=split)
     path: str
-    name: str | None
-    split: str
-    question_field: str
-    answer_field: str
+    name: str | None = None
+    split: str | None = None  # None: the task split's own name
+    question_field: str = "question"
+    answer_field: str = "answer"
 
 
-@dataclass(frozen=True)
-class SplitSource:
-    local: str | None  # may hold ${variables}; resolved when the split is read
-    hub: HubSource | None
-    disjoint_from: tuple[str, ...] = ()  # splits that must share no question with this one
+class SplitSource(_Schema):
+    local: str | None = None  # may hold ${variables}; resolved when the split is read
+    hub: HubSource | None = None
+    # splits that must share no question with this one; `disjoint_from: test` is short for `[test]`
+    disjoint_from: Annotated[
+        tuple[str, ...], Field(strict=False), BeforeValidator(lambda v: [v] if isinstance(v, str) else v or ())
+    ] = ()
+
+
+class PromptSpec(_Schema):
+    template: str
+
+
+class GenerationSpec(_Schema):
+    max_new_tokens: int
+    stop: list[Annotated[str, Field(min_length=1)]] = []
+
+
+class FewshotSpec(_Schema):
+    path: str  # a JSON file of exemplars; may hold ${variables}
+    example_template: str
+    insert_before: str  # the exemplars go before its first occurrence in prompt.template
+    question_field: str = "q"
+    answer_field: str = "a"
+
+
+class TaskSpec(_Schema):
+    """A plain task's YAML (after `extends:` is merged in)."""
+
+    name: str
+    description: str | None = None
+    variables: dict[str, Any] | None = None  # defaults for ${variables}; each value is used as its str()
+    scorer: Scorer  # fields in the order their problems are reported
+    prompt: PromptSpec
+    fewshot: FewshotSpec | None = None
+    generation: GenerationSpec
+    splits: dict[str, SplitSource] = Field(min_length=1)
+    primary_metric: Metric
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Self:
+        """What no single key can check: a {question} to fill, a source per split, the splits they name."""
+        if "{question}" not in self.prompt.template:
+            raise ValueError("prompt.template has no {question} placeholder")
+        if self.fewshot is not None and self.fewshot.insert_before not in self.prompt.template:
+            raise ValueError(f"fewshot.insert_before {self.fewshot.insert_before!r} does not occur in prompt.template")
+        for split, source in self.splits.items():
+            if source.local is None and source.hub is None:
+                raise ValueError(f"splits.{split} needs 'local' and/or 'hub'")
+            for other in source.disjoint_from:
+                if other == split or other not in self.splits:
+                    raise ValueError(f"splits.{split}.disjoint_from names {other!r}, not another split of this task "
+                                     f"({sorted(self.splits)})")
+        return self
+
+
+class ComponentSpec(_Schema):
+    task: str
+    metric: Metric
+
+
+class CompositeSpec(_Schema):
+    """A composite task's YAML: a YAML with `components:` is one."""
+
+    name: str
+    description: str | None = None
+    components: list[ComponentSpec] = Field(min_length=1)
 
 
 def _fill_template(template: str, **fields: str) -> str:
@@ -109,34 +204,21 @@ def _fill_template(template: str, **fields: str) -> str:
     return _TEMPLATE_FIELD.sub(lambda match: fields[match.group(1)], template)
 
 
+@dataclass(eq=False)
 class Task:
     """One scored task: prompts from a template, generations scored by `scorer`, fitness = `primary_metric`."""
 
-    def __init__(
-        self,
-        name: str,
-        config_path: Path,
-        template: str,
-        scorer: str,
-        primary_metric: str,
-        max_new_tokens: int,
-        stop_strings: tuple[str, ...],
-        splits: Mapping[str, SplitSource],
-        variables: Mapping[str, str],
-        fewshot_prefix: str = "",
-        fingerprint: str = "",
-    ) -> None:
-        self.name = name
-        self.config_path = config_path
-        self.template = template
-        self.scorer = scorer
-        self.primary_metric = primary_metric
-        self.max_new_tokens = max_new_tokens
-        self.stop_strings = stop_strings
-        self.splits = dict(splits)
-        self.variables = dict(variables)
-        self.fewshot_prefix = fewshot_prefix  # already placed inside `template` when the task was loaded
-        self.fingerprint = fingerprint
+    name: str
+    config_path: Path
+    template: str
+    scorer: str
+    primary_metric: str
+    max_new_tokens: int
+    stop_strings: tuple[str, ...]
+    splits: dict[str, SplitSource]
+    variables: dict[str, str]
+    fewshot_prefix: str = ""  # already placed inside `template` when the task was loaded
+    fingerprint: str = ""
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, splits={sorted(self.splits)}, metric={self.primary_metric!r})"
@@ -175,13 +257,14 @@ class Task:
                     return SplitData(split, examples, str(path))
                 problems.append(f"data file {path} does not exist")
         if source.hub is not None:
-            label = f"hub:{source.hub.path}" + (f"/{source.hub.name}" if source.hub.name else "")
+            hub = source.hub.model_copy(update={"split": source.hub.split or split})
+            label = f"hub:{hub.path}" + (f"/{hub.name}" if hub.name else "")
             try:
-                return SplitData(split, _read_hub_rows(source.hub, self.scorer == "last_number"), label)
+                return SplitData(split, _read_hub_rows(hub, self.scorer == "last_number"), label)
             except TaskError as error:  # the dataset loaded but its rows do not fit the task
                 problems.append(str(error))
             except Exception as error:  # offline, unknown dataset: report it with the rest
-                problems.append(_hub_problem(source.hub, error))
+                problems.append(_hub_problem(hub, error))
         raise TaskError(f"no data for {where}: " + "; ".join(problems))
 
     def _check_disjoint(self, data: SplitData, other: SplitData) -> None:
@@ -242,17 +325,16 @@ class Component:
     metric: str
 
 
+@dataclass(eq=False)
 class CompositeTask:
     """Several (task, metric) components; `score` is their mean, and each component's metrics are kept as
     `<task>/<metric>` so a multi-objective search can read the objectives separately."""
 
-    primary_metric = "score"
-
-    def __init__(self, name: str, config_path: Path, components: Sequence[Component], fingerprint: str = "") -> None:
-        self.name = name
-        self.config_path = config_path
-        self.components = tuple(components)
-        self.fingerprint = fingerprint
+    name: str
+    config_path: Path
+    components: tuple[Component, ...]
+    fingerprint: str = ""
+    primary_metric: ClassVar[str] = "score"
 
     def __repr__(self) -> str:
         return f"CompositeTask({self.name!r}, components={[(c.task.name, c.metric) for c in self.components]})"
@@ -301,30 +383,23 @@ def available_tasks(tasks_dir: str | Path = TASKS_DIR) -> list[str]:
     return sorted(path.stem for path in Path(tasks_dir).glob("*.yaml"))
 
 
-def load_task(
-    name: str, variables: Mapping[str, Any] | None = None, tasks_dir: str | Path = TASKS_DIR
-) -> AnyTask:
+def load_task(name: str, variables: Mapping[str, Any] | None = None, tasks_dir: str | Path = TASKS_DIR) -> AnyTask:
     """Load task `name`: `<tasks_dir>/<name>.yaml`, else the packaged `evomerge/tasks/<name>.yaml`; a name
     ending in .yaml/.yml is the task file's own path (`~` expanded, relative to the current directory).
     `variables` fills `${...}` in data paths (e.g. {"zoo_dir": ...}); unset ones are only an error when a
     split that needs them is read."""
     config, path = _read_config(name, _search_dirs(tasks_dir))
-    name = path.stem
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-    if "components" in config:
-        _check_keys(config, {"name", "description", "components"}, path)
-        components = []
-        for index, entry in enumerate(_require(config, "components", list, path)):
-            if not isinstance(entry, dict) or set(entry) != {"task", "metric"}:
-                raise TaskError(f"{path}: components[{index}] must be a mapping with exactly 'task' and 'metric'")
-            task = load_task(entry["task"], variables, path.parent)
-            if not isinstance(task, Task):
-                raise TaskError(f"{path}: component {entry['task']!r} is itself a composite; nest only plain tasks")
-            components.append(Component(task, _check_metric(entry["metric"], path)))
-        if not components:
-            raise TaskError(f"{path}: 'components' is empty")
-        return CompositeTask(name, path, components, fingerprint)
-    return _build_task(name, config, path, variables or {}, fingerprint)
+    if "components" not in config:
+        return _build_task(TaskSpec.load(config, path), path, variables or {}, fingerprint)
+    components = []
+    for index, entry in enumerate(CompositeSpec.load(config, path).components):
+        task = load_task(entry.task, variables, path.parent)
+        if not isinstance(task, Task):
+            raise TaskError(f"{path}: components[{index}].task {entry.task!r} is itself a composite; "
+                            "nest only plain tasks")
+        components.append(Component(task, entry.metric))
+    return CompositeTask(path.stem, path, tuple(components), fingerprint)
 
 
 def _search_dirs(first: str | Path) -> tuple[Path, ...]:
@@ -375,93 +450,36 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _build_task(
-    name: str, config: dict[str, Any], path: Path, caller_variables: Mapping[str, Any], fingerprint: str
-) -> Task:
-    _check_keys(
-        config,
-        {"name", "description", "variables", "scorer", "primary_metric", "prompt", "fewshot", "generation", "splits"},
-        path,
-    )
-    scorer = _require(config, "scorer", str, path)
-    if scorer not in SCORERS:
-        raise TaskError(f"{path}: unknown scorer {scorer!r}; expected one of {list(SCORERS)}")
-    prompt = _require(config, "prompt", dict, path)
-    _check_keys(prompt, {"template"}, path, "prompt")
-    template = _require(prompt, "template", str, path)
-    if "{question}" not in template:
-        raise TaskError(f"{path}: prompt.template has no {{question}} placeholder")
-    generation = _require(config, "generation", dict, path)
-    _check_keys(generation, {"max_new_tokens", "stop"}, path, "generation")
-    stop_strings = tuple(generation.get("stop", []))
-    if not all(isinstance(stop, str) and stop for stop in stop_strings):
-        raise TaskError(f"{path}: generation.stop must be a list of non-empty strings")
-
+def _build_task(spec: TaskSpec, path: Path, caller_variables: Mapping[str, Any], fingerprint: str) -> Task:
     variables = {"tasks_dir": str(path.parent), "evomerge_data": str(DATA_DIR)}
-    variables.update({key: str(value) for key, value in (config.get("variables") or {}).items()})
+    variables.update({key: str(value) for key, value in (spec.variables or {}).items()})
     variables.update({key: str(value) for key, value in caller_variables.items() if value is not None})
     variables = {key: _resolve_variables(value, variables, f"{path} variable {key!r}") for key, value in variables.items()}
-
-    split_entries = _require(config, "splits", dict, path)
-    splits = {split: _parse_split_source(split, entry, path, list(split_entries)) for split, entry in split_entries.items()}
-    if not splits:
-        raise TaskError(f"{path}: 'splits' is empty")
-    fewshot_prefix = ""
-    if "fewshot" in config:
-        template, fewshot_prefix = _insert_fewshot(template, config["fewshot"], variables, path)
+    template, fewshot_prefix = spec.prompt.template, ""
+    if spec.fewshot is not None:
+        template, fewshot_prefix = _insert_fewshot(template, spec.fewshot, variables, path)
     return Task(
-        name=name,
+        name=path.stem,
         config_path=path,
         template=template,
-        scorer=scorer,
-        primary_metric=_check_metric(_require(config, "primary_metric", str, path), path),
-        max_new_tokens=_require(generation, "max_new_tokens", int, path),
-        stop_strings=stop_strings,
-        splits=splits,
+        scorer=spec.scorer,
+        primary_metric=spec.primary_metric,
+        max_new_tokens=spec.generation.max_new_tokens,
+        stop_strings=tuple(spec.generation.stop),
+        splits=dict(spec.splits),
         variables=variables,
         fewshot_prefix=fewshot_prefix,
         fingerprint=fingerprint,
     )
 
 
-def _parse_split_source(split: str, entry: Any, path: Path, splits: Sequence[str]) -> SplitSource:
-    if not isinstance(entry, dict) or not set(entry) & {"local", "hub"} or not set(entry) <= {"local", "hub", "disjoint_from"}:
-        raise TaskError(f"{path}: splits.{split} must be a mapping with 'local' and/or 'hub' (and optionally 'disjoint_from')")
-    disjoint_from = entry.get("disjoint_from") or []
-    if isinstance(disjoint_from, str):
-        disjoint_from = [disjoint_from]
-    for other in disjoint_from:
-        if other == split or other not in splits:
-            raise TaskError(f"{path}: splits.{split}.disjoint_from names {other!r}, not another split of this task "
-                            f"({sorted(splits)})")
-    hub = entry.get("hub")
-    hub_source = None
-    if hub is not None:
-        _check_keys(hub, {"path", "name", "split", "question_field", "answer_field"}, path, f"splits.{split}.hub")
-        hub_source = HubSource(
-            path=_require(hub, "path", str, path),
-            name=hub.get("name"),
-            split=hub.get("split", split),
-            question_field=hub.get("question_field", "question"),
-            answer_field=hub.get("answer_field", "answer"),
-        )
-    return SplitSource(local=entry.get("local"), hub=hub_source, disjoint_from=tuple(disjoint_from))
-
-
-def _insert_fewshot(template: str, fewshot: Any, variables: Mapping[str, str], path: Path) -> tuple[str, str]:
+def _insert_fewshot(template: str, fewshot: FewshotSpec, variables: Mapping[str, str], path: Path) -> tuple[str, str]:
     """Render the exemplars with `example_template` and insert them before the first `insert_before` marker
     of the zero-shot template, so the zero-shot text itself is reused unchanged."""
-    if not isinstance(fewshot, dict):
-        raise TaskError(f"{path}: 'fewshot' must be a mapping")
-    _check_keys(fewshot, {"path", "question_field", "answer_field", "example_template", "insert_before"}, path, "fewshot")
-    marker = _require(fewshot, "insert_before", str, path)
-    position = template.find(marker)
-    if position < 0:
-        raise TaskError(f"{path}: fewshot.insert_before {marker!r} does not occur in prompt.template")
-    exemplar_path = Path(_resolve_variables(_require(fewshot, "path", str, path), variables, f"{path} fewshot.path"))
-    exemplars = _read_exemplars(exemplar_path, fewshot.get("question_field", "q"), fewshot.get("answer_field", "a"))
-    example_template = _require(fewshot, "example_template", str, path)
-    prefix = "".join(_fill_template(example_template, question=e.question, answer=e.answer) for e in exemplars)
+    exemplar_path = Path(_resolve_variables(fewshot.path, variables, f"{path} fewshot.path"))
+    exemplars = _read_exemplars(exemplar_path, fewshot.question_field, fewshot.answer_field)
+    prefix = "".join(_fill_template(fewshot.example_template, question=e.question, answer=e.answer) for e in exemplars)
+    position = template.find(fewshot.insert_before)
     return template[:position] + prefix + template[position:], prefix
 
 
@@ -571,24 +589,3 @@ def _resolve_variables(text: str, variables: Mapping[str, str], where: str) -> s
         return variables[match.group(1)]
 
     return _VARIABLE.sub(substitute, text)
-
-
-def _require(mapping: Mapping[str, Any], key: str, kind: type, path: Path) -> Any:
-    if key not in mapping:
-        raise TaskError(f"{path}: missing required key {key!r}")
-    value = mapping[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TaskError(f"{path}: {key!r} must be a {kind.__name__}, got {value!r}")
-    return value
-
-
-def _check_keys(mapping: Mapping[str, Any], allowed: set[str], path: Path, section: str = "top level") -> None:
-    unknown = set(mapping) - allowed
-    if unknown:
-        raise TaskError(f"{path}: unknown key(s) {sorted(unknown)} in {section}; allowed: {sorted(allowed)}")
-
-
-def _check_metric(metric: str, path: Path) -> str:
-    if metric not in SAMPLE_METRICS:
-        raise TaskError(f"{path}: metric {metric!r} is not one of {list(SAMPLE_METRICS)}")
-    return metric

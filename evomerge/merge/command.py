@@ -6,33 +6,12 @@ Without ``recipe`` the recipe is built from the ``merge`` config group (``conf/m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.merge.stream import merge_to_disk
 from evomerge.pool import check_placement
-from evomerge.recipe import METHODS, PSRecipe
-
-
-def recipe_from_merge_config(
-    merge: Mapping[str, Any], base: str | None, models: Sequence[str], groups: Sequence[str] | None = None
-) -> PSRecipe:
-    """A uniform recipe from a ``conf/merge`` entry: per-group values (weight, density, t) go to every group,
-    everything else is a method parameter."""
-    settings = dict(merge)
-    method = settings.pop("method", None)
-    if method not in METHODS:
-        raise MergeError(f"merge config needs 'method', one of {sorted(METHODS)}; got {method!r}")
-    spec = METHODS[method]
-    group_keys = set(spec.per_model) | set(spec.per_group)
-    values = {key: settings.pop(key) for key in list(settings) if key in group_keys}
-    extra = {}
-    if groups is not None:
-        extra["groups"] = list(groups)
-    return PSRecipe.uniform(method, base if spec.needs_base else None, models, parameters=settings, **extra, **values)
+from evomerge.recipe import PSRecipe
 
 
 def merge_command(cfg: DictConfig) -> None:
@@ -50,7 +29,7 @@ def merge_command(cfg: DictConfig) -> None:
         models = OmegaConf.select(cfg, "models")
         if merge is None or not models:
             raise MergeError("merge needs recipe=<file>, or a merge=<method> config with base=<dir> and models=[...]")
-        recipe = recipe_from_merge_config(
+        recipe = PSRecipe.from_merge_config(
             OmegaConf.to_container(merge, resolve=True), OmegaConf.select(cfg, "base"), list(models),
             OmegaConf.select(cfg, "groups"),
         )

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|decoder_layers)\.(\d+)\.")
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_positions|embeddings?|wte|wpe|word_embeddings)(?:\.|$)")

@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from evomerge.merge import MergeError
-from evomerge.merge.methods import MagnitudeTable, all_finite, magnitude_table, merge_tensor
+from evomerge.errors import MergeError
+from evomerge.merge.methods import all_finite, merge_tensor
+from evomerge.merge.methods.sparsify import MagnitudeTable, magnitude_table
 from evomerge.merge.stream import check_recipe_fits, needed_statistics, open_inputs
 from evomerge.modelio import load_model, resolve_dtype
 from evomerge.recipe import PSRecipe
@@ -148,7 +149,7 @@ class InMemoryMerger:
         """Do the one-off work ``recipe``'s method needs now rather than on the first candidate."""
         indices = self._pool_indices(recipe)
         for name in self.names:
-            if recipe.method == "ties" and self._targets[name].is_floating_point():
+            if recipe.spec.magnitude_tables and self._targets[name].is_floating_point():
                 self._magnitude_tables(name)
         self._pool_statistics(recipe, indices)
 
@@ -180,7 +181,7 @@ class InMemoryMerger:
                 tensors = [self._pool[index][name] for index in indices]
                 target = self._targets[name]
                 tables = None
-                if recipe.method == "ties" and target.is_floating_point():
+                if recipe.spec.magnitude_tables and target.is_floating_point():
                     tables = [self._magnitude_tables(name)[index] for index in indices]
                 base = self._base[name] if self._base is not None and recipe.base is not None else None
                 merge_tensor(recipe, recipe.groups[assignment[name]], name, base, tensors, out=target,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.modelio import load_model, load_tokenizer, load_tensors, save_tensors
 from evomerge.recipe import PSRecipe
 

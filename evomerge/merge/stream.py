@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError
 from evomerge.merge.groups import assign_groups
 from evomerge.merge.methods import all_finite, merge_tensor
 from evomerge.modelio import CheckpointReader, ShardedSafetensorsWriter, read_config

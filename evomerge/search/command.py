@@ -27,11 +27,12 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from evomerge.errors import PoolError, TaskError
 from evomerge.eval.evaluator import generation_options
 from evomerge.eval.generate import GenerationSettings
-from evomerge.eval.task import AnyTask, CompositeTask, Task, TaskError, check_objectives, load_task
+from evomerge.eval.task import AnyTask, CompositeTask, Task, check_objectives, load_task
 from evomerge.merge.stream import merge_to_disk
-from evomerge.pool import Pool, PoolError, check_placement, config_variables, early_variables, resolve_pool
+from evomerge.pool import Pool, check_placement, config_variables, early_variables, resolve_pool
 from evomerge.recipe import PSRecipe
 from evomerge.search import dfs, ps
 from evomerge.search.executor import executor_settings, make_executor

@@ -21,7 +21,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
 from evomerge.eval.task import AnyTask, check_objectives, load_task
-from evomerge.merge import MergeError
+from evomerge.errors import MergeError, SearchError
 from evomerge.modelio import load_model, read_config
 from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
@@ -29,7 +29,6 @@ from evomerge.recipe import DFSRecipe
 from evomerge.search.genome import DFSGenomeSpace
 from evomerge.search.optimizer import NSGA2
 from evomerge.search.ps import PoolProblem, ReportItem, report_row
-from evomerge.search.run import SearchError
 
 
 PATH_METRICS = ("path_length", "path_fraction")  # what a candidate's path costs, beside the task's metrics

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.merge import MergeError
-from evomerge.recipe import METHODS, DFSRecipe, GroupValues, PSRecipe
-
-DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+from evomerge.errors import MergeError
+from evomerge.merge.methods import method
+from evomerge.recipe import DFSRecipe, GroupValues, PSRecipe
 
 
 @dataclass(frozen=True)
@@ -29,30 +28,34 @@ class PSGenomeSpace:
     groups: tuple[str, ...]
     parameters: Mapping[str, Any] = field(default_factory=dict)
     shared: bool = False  # one set of values for every group (the coarsest granularity)
-    ranges: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_RANGES))
+    ranges: Mapping[str, tuple[float, float] | None] = field(default_factory=dict)  # overrides of the method's
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise MergeError(f"unknown merge method {self.method!r}; known: {sorted(METHODS)}")
-        for key in self.keys:
-            if key not in self.ranges:
-                raise MergeError(f"no search range for {key!r}; set search.ranges.{key}: [low, high]")
-            low, high = self.ranges[key]
+        spec = method(self.method)
+        for key, value in spec.values.items():
+            low, high = self.range(key)
             if not low <= high:
                 raise MergeError(f"search range for {key!r} is empty: [{low}, {high}]")
-            if key == "density" and not 0 < low <= high <= 1:
-                raise MergeError(f"search range for density must lie in (0, 1], got [{low}, {high}]")
+            if not (value.contains(low) and value.contains(high)):
+                raise MergeError(f"search range for {key} must lie in {value.bounds()}, got [{low}, {high}]")
+        if self.dim == 0:
+            raise MergeError(f"{self.method} has no values to search (nothing per model or per layer group); "
+                             "use it as a baseline, or search a method that has")
         # validate once: the recipe at the box's centre must be a valid recipe
         self.decode(np.full(self.dim, 0.5))
 
     @property
     def keys(self) -> tuple[str, ...]:
-        spec = METHODS[self.method]
-        return spec.per_model + spec.per_group
+        return tuple(method(self.method).values)
+
+    def range(self, key: str) -> tuple[float, float]:
+        """What the unit box maps to for ``key``: ``search.ranges.<key>`` when set, else the method's own range."""
+        override = self.ranges.get(key)
+        return tuple(override) if override is not None else method(self.method).values[key].search
 
     @property
     def dim(self) -> int:
-        spec = METHODS[self.method]
+        spec = method(self.method)
         return self._coded_groups * (len(spec.per_model) * len(self.models) + len(spec.per_group))
 
     @property
@@ -61,7 +64,7 @@ class PSGenomeSpace:
 
     def describe(self) -> list[str]:
         """One name per genome coordinate, e.g. `blocks.0-1/density/1`."""
-        spec = METHODS[self.method]
+        spec = method(self.method)
         names = []
         for group in ("all",) if self.shared else self.groups:
             for key in spec.per_model:
@@ -74,7 +77,7 @@ class PSGenomeSpace:
         x = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)
         if x.shape != (self.dim,):
             raise MergeError(f"genome has shape {x.shape}, this space has {self.dim} dimensions")
-        spec = METHODS[self.method]
+        spec = method(self.method)
         values = iter(x.tolist())
         entries = []
         for _ in range(self._coded_groups):
@@ -92,10 +95,10 @@ class PSGenomeSpace:
     def encode(self, values: Mapping[str, float]) -> np.ndarray:
         """The genome whose every coordinate of key k decodes to values[k] (clipped into the box): the
         recipe a search starts from, e.g. the method's default weight and density."""
-        spec = METHODS[self.method]
+        spec = method(self.method)
         units = []
-        for key in spec.per_model + spec.per_group:
-            low, high = self.ranges[key]
+        for key in spec.values:
+            low, high = self.range(key)
             unit = 0.5 if high == low else (float(values[key]) - low) / (high - low)
             units.append((key, min(1.0, max(0.0, unit))))
         per_group = []
@@ -104,7 +107,7 @@ class PSGenomeSpace:
         return np.asarray(per_group * self._coded_groups)
 
     def _scale(self, key: str, unit: float) -> float:
-        low, high = self.ranges[key]
+        low, high = self.range(key)
         return round(low + unit * (high - low), 6)  # 6 digits: short YAML, stable hashes
 
 

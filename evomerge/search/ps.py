@@ -15,18 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.eval.evaluator import Evaluator, pool_evaluator
 from evomerge.eval.significance import paired_comparison, row_values
 from evomerge.eval.task import AnyTask, check_objectives, load_task
-from evomerge.merge import MergeError
-from evomerge.merge.command import recipe_from_merge_config
+from evomerge.errors import MergeError, SearchError
 from evomerge.merge.groups import count_blocks, group_names
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.merge.stream import open_inputs
 from evomerge.pathmodel import path_length, unique_parameters
 from evomerge.pool import Pool
-from evomerge.recipe import GROUP_VALUE_DEFAULTS, METHODS, DFSRecipe, PSRecipe
+from evomerge.merge.methods import method
+from evomerge.recipe import DFSRecipe, PSRecipe
 from evomerge.resources import CONF_DIR
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
-from evomerge.search.run import SearchError
 
 CONF_MERGE = CONF_DIR / "merge"
 BASELINES = ("ties", "dare_ties", "task_arithmetic")
@@ -104,9 +103,8 @@ def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
     """Layer groups from `search.layer_groups`: 0 = one set of values for the whole model, k = embed, k block
     ranges, head."""
     merge = OmegaConf.to_container(cfg.merge, resolve=True)
-    method = merge.pop("method")
-    spec = METHODS[method]
-    parameters = {k: v for k, v in merge.items() if k not in spec.per_model + spec.per_group}
+    spec = method(merge.pop("method"))
+    parameters = {k: v for k, v in merge.items() if k not in spec.values}
     k = int(cfg.search.layer_groups)
     try:
         if k < 0:
@@ -115,13 +113,13 @@ def genome_space(cfg: DictConfig, pool: Pool, tensor_names) -> PSGenomeSpace:
     except MergeError as error:
         raise MergeError(f"search.layer_groups={k} does not fit the models: {error}") from None
     return PSGenomeSpace(
-        method=method,
-        base=pool.base if spec.needs_base else None,
+        method=spec.name,
+        base=pool.base if spec.takes_base else None,
         models=pool.models,
         groups=tuple(groups),
         parameters=parameters,
         shared=k == 0,
-        ranges={key: tuple(value) for key, value in OmegaConf.to_container(cfg.search.ranges).items()},
+        ranges=OmegaConf.to_container(cfg.search.ranges),
     )
 
 
@@ -131,14 +129,10 @@ def check_settings(cfg: DictConfig, base: str, models: Sequence[str]) -> None:
     if cfg.search.start not in ("center", "merge_defaults"):
         raise SearchError(f"search.start={cfg.search.start!r}: use 'merge_defaults' or 'center'")
     merge = OmegaConf.to_container(cfg.merge, resolve=True)
-    method = merge.pop("method", None)
-    if method not in METHODS:
-        raise MergeError(f"unknown merge method {method!r}; known: {sorted(METHODS)}")
-    spec = METHODS[method]
-    PSGenomeSpace(method=method, base=base if spec.needs_base else None, models=tuple(models),
-                  groups=("embed", "blocks.0", "head"),
-                  parameters={k: v for k, v in merge.items() if k not in spec.per_model + spec.per_group},
-                  ranges={key: tuple(value) for key, value in OmegaConf.to_container(cfg.search.ranges).items()})
+    spec = method(merge.pop("method", None))
+    PSGenomeSpace(method=spec.name, base=base if spec.takes_base else None, models=tuple(models),
+                  groups=("embed", "blocks.0", "head"), parameters={k: v for k, v in merge.items() if k not in spec.values},
+                  ranges=OmegaConf.to_container(cfg.search.ranges))
 
 
 def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
@@ -161,17 +155,14 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
 def _method_defaults(cfg: DictConfig) -> dict[str, float]:
     """The merge config's per-model / per-group values (e.g. weight 1.0, density 0.5), with recipe defaults."""
     merge = OmegaConf.to_container(cfg.merge, resolve=True)
-    spec = METHODS[merge["method"]]
-    return {key: merge.get(key, GROUP_VALUE_DEFAULTS[key]) for key in spec.per_model + spec.per_group}
+    return {key: merge.get(key, value.default) for key, value in method(merge["method"]).values.items()}
 
 
 def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
     """Uniform merges with each method's default values (evomerge/conf/merge/<method>.yaml): what a hand-tuned merge starts from."""
-    recipes = {}
-    for method in BASELINES:
-        settings = yaml.safe_load((CONF_MERGE / f"{method}.yaml").read_text())
-        recipes[method] = recipe_from_merge_config(settings, pool.base, list(pool.models))
-    return recipes
+    return {name: PSRecipe.from_merge_config(yaml.safe_load((CONF_MERGE / f"{name}.yaml").read_text()), pool.base,
+                                             list(pool.models))
+            for name in BASELINES}
 
 
 def report_row(evaluator: Evaluator, objective: str, item: ReportItem, model) -> dict[str, Any]:

@@ -33,15 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from evomerge.errors import SearchError
 from evomerge.search.optimizer import Optimizer
 
 CHECKPOINT_FORMAT = "evomerge-checkpoint"
 CHECKPOINT_VERSION = 1
 FAILED_FITNESS = -1.0  # below any metric in [0, 1]: a candidate that crashed is the worst candidate
-
-
-class SearchError(RuntimeError):
-    """A search cannot start or go on; the message says why and what to do."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # what SLURM sends before a timeout or a preemption

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from evomerge.merge.command import recipe_from_merge_config
 from evomerge.merge.memory import InMemoryMerger
-from evomerge.recipe import METHODS, PSRecipe
+from evomerge.merge.methods import METHODS
+from evomerge.recipe import PSRecipe
 from evomerge.resources import CONF_DIR
 from evomerge.zoo import build
 from evomerge.zoo.report import TaskSuite
@@ -118,7 +118,7 @@ def method_grid(method: str, settings: Mapping[str, Any]) -> list[dict[str, Any]
 
 
 def make_recipe(method: str, kind: BaseKind, subset: Sequence[str], point: Mapping[str, Any]) -> PSRecipe:
-    return recipe_from_merge_config({"method": method, **point}, kind.base, [kind.experts[t] for t in subset])
+    return PSRecipe.from_merge_config({"method": method, **point}, kind.base, [kind.experts[t] for t in subset])
 
 
 def normalized(scores: Mapping[str, float], references: Mapping[str, float]) -> tuple[float | None, list[str]]:
