@@ -97,7 +97,7 @@ class PSRecipe:
             raise RecipeError(f"{self.method} takes no base model; drop 'base' or use a task-vector method")
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "base", base)
-        object.__setattr__(self, "parameters", MappingProxyType(self._canonical_parameters(spec)))
+        object.__setattr__(self, "parameters", MappingProxyType(spec.check_options(self.parameters)))
         object.__setattr__(self, "groups", tuple(self._canonical_group(spec, group) for group in self.groups))
         if not self.groups:
             raise RecipeError(f"{self.method} recipe has no layer groups")
@@ -105,13 +105,6 @@ class PSRecipe:
             check_disjoint([group.name for group in self.groups])
         except MergeError as error:
             raise RecipeError(f"{self.method} recipe: {error}") from error
-
-    def _canonical_parameters(self, spec: MergeMethod) -> dict[str, Any]:
-        parameters = dict(self.parameters)
-        for key in ("prompts", "statistics_dir"):  # paths given as Path objects are kept as strings
-            if isinstance(parameters.get(key), Path):
-                parameters[key] = str(parameters[key])
-        return spec.check_options(parameters)
 
     def _canonical_group(self, spec: MergeMethod, group: GroupValues | Mapping[str, Any]) -> GroupValues:
         if isinstance(group, GroupValues):

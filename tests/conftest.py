@@ -89,6 +89,26 @@ def tied_bf16(tmp_path_factory) -> dict[str, Path]:
                      {"base": 0.0, "expert_a": 1e-4, "expert_b": 2e-4, "expert_c": 1.5e-4})
 
 
+BF16_ULP = 2.0**-7  # one unit in the last place, relative to the leading power of two
+
+
+def bf16_differences(ours, theirs, label: str) -> tuple[int, int]:
+    """Two bf16 checkpoints (`CheckpointReader`s) agree in every entry to one bf16 ulp: how many entries differ
+    at all, of how many."""
+    assert set(ours.names) == set(theirs.names)
+    different = total = 0
+    for name in ours.names:
+        mine, other = ours.read(name), theirs.read(name)
+        assert mine.dtype == other.dtype == torch.bfloat16, name
+        mine, other = mine.float(), other.float()
+        gap = (mine - other).abs()
+        ulp = BF16_ULP * torch.exp2(torch.floor(torch.log2(torch.maximum(mine.abs(), other.abs()))))
+        assert bool((gap <= ulp).all()), f"{label} {name}: max difference {float(gap.max())}"
+        different += int((gap > 0).sum())
+        total += gap.numel()
+    return different, total
+
+
 def run_mergekit(config: dict, out: Path):
     """mergekit 0.1.5's own merge of ``config`` into ``out``, read back (mergekit is a dev extra)."""
     from mergekit.config import MergeConfiguration

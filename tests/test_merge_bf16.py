@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import bf16_differences
 from evomerge.export import mergekit_yaml
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.merge.stream import merge_to_disk
@@ -19,7 +20,6 @@ from evomerge.recipe import GroupValues, PSRecipe
 
 GROUPS = ("embed", "blocks.0", "blocks.1", "head")
 MAX_DIFFERENT = 1e-4  # of all entries; a 0.1% mis-trim changes ~10x as many
-BF16_ULP = 2.0**-7  # one unit in the last place, relative to the leading power of two
 
 
 def per_group_recipe(method: str, paths: dict[str, Path], **parameters) -> PSRecipe:
@@ -102,14 +102,5 @@ def test_mergekit_rebuilds_the_exported_config_at_bf16(tied_bf16, tmp_path, monk
     assert isinstance(setting, list)  # per-group values, as conditional parameters
     theirs = run_mergekit(config, tmp_path / "mergekit")
     ours = CheckpointReader(merge_to_disk(recipe, tmp_path / "ours"))
-    assert set(ours.names) == set(theirs.names)
-    different, total = 0, 0
-    for name in ours.names:
-        mine, other = ours.read(name).float(), theirs.read(name).float()
-        assert theirs.read(name).dtype == torch.bfloat16
-        gap = (mine - other).abs()
-        ulp = BF16_ULP * torch.exp2(torch.floor(torch.log2(torch.maximum(mine.abs(), other.abs()))))
-        assert bool((gap <= ulp).all()), f"{method} {name}: max difference {float(gap.max())}"
-        different += int((gap > 0).sum())
-        total += gap.numel()
+    different, total = bf16_differences(ours, theirs, method)
     assert different <= MAX_DIFFERENT * total, f"{method}: {different} of {total} entries differ"

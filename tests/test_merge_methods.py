@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evomerge.merge.methods import kernels, sparsify
-from evomerge.merge.methods.dare import dare_linear, dare_ties
+from evomerge.merge.methods.dare import dare
 from evomerge.merge.methods.fisher import fisher
 from evomerge.merge.methods.linear import linear
 from evomerge.merge.methods.regmean import regmean, shrink_gram
@@ -159,7 +159,7 @@ def dare_reference(base, deltas, weights, density, keys, *, consensus, normalize
 def test_dare_at_full_density_is_task_arithmetic():
     tensors = [BASE + delta for delta in DELTAS]
     # nothing dropped, survivors scaled by 1/1: A + 0.5 B + C = [3.5, 3, 1, -5.95]
-    merged = dare_linear(BASE, tensors, WEIGHTS, [1.0] * 3, KEYS)
+    merged = dare(BASE, tensors, WEIGHTS, [1.0] * 3, KEYS, consensus=False)
     torch.testing.assert_close(merged, BASE + T([3.5, 3.0, 1.0, -5.95]))
 
 
@@ -169,8 +169,8 @@ def test_dare_drops_by_draw_and_rescales_by_inverse_density(consensus, normalize
     generator = torch.Generator().manual_seed(2)
     base = torch.randn(64, generator=generator)
     deltas = [torch.randn(64, generator=generator) for _ in range(3)]
-    merge = dare_ties if consensus else dare_linear
-    merged = merge(base, [base + delta for delta in deltas], WEIGHTS, [0.4] * 3, KEYS, normalize=normalize)
+    merged = dare(base, [base + delta for delta in deltas], WEIGHTS, [0.4] * 3, KEYS, consensus=consensus,
+                  normalize=normalize)
     expected = dare_reference(base, [base + delta - base for delta in deltas], WEIGHTS, 0.4, KEYS,
                               consensus=consensus, normalize=normalize)
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
@@ -181,7 +181,7 @@ def test_dare_l1_rescale_restores_each_task_vectors_l1_norm():
     base = torch.zeros(50)
     keep = sparsify.dare_draws(50, KEYS[0]) < 0.5
     assert 0 < int(keep.sum()) < 50
-    merged = dare_linear(base, [delta], [1.0], [0.5], KEYS[:1], rescale="l1")
+    merged = dare(base, [delta], [1.0], [0.5], KEYS[:1], consensus=False, rescale="l1")
     factor = float(delta.abs().sum()) / float(delta[keep].abs().sum())
     torch.testing.assert_close(merged, torch.where(keep, delta * factor, 0.0))
 
@@ -271,8 +271,8 @@ def test_compiled_kernels_match_eager(monkeypatch):
         "linear": lambda: linear(tensors, weights),
         "task_arithmetic": lambda: task_arithmetic(base, tensors, weights, scale=0.7, normalize=True),
         "ties": lambda: ties(base, tensors, weights, densities),
-        "dare_ties": lambda: dare_ties(base, tensors, weights, densities, keys, rescale="l1"),
-        "dare_linear": lambda: dare_linear(base, tensors, weights, densities, keys),
+        "dare_ties": lambda: dare(base, tensors, weights, densities, keys, consensus=True, rescale="l1"),
+        "dare_linear": lambda: dare(base, tensors, weights, densities, keys, consensus=False),
         "slerp": lambda: slerp(0.3, tensors[0], tensors[1]),
         "fisher": lambda: fisher(tensors, fishers, weights),
         "trim": lambda: torch.tensor([sparsify.trim(base, tensors[0], 0.3).threshold,

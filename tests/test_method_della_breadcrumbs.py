@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_mergekit
+from conftest import BF16_ULP, run_mergekit
 from evomerge.errors import RecipeError
 from evomerge.export import mergekit_config, mergekit_notes, mergekit_yaml
 from evomerge.merge.memory import InMemoryMerger
@@ -55,7 +55,6 @@ BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
 METHOD_NAMES = DELLA + BREADCRUMBS
 FLOAT32_RTOL = 2e-6  # a scale of L1 sums in float64 vs float32: ~1 float32 ulp (measured 1.5e-7 relative)
 FLOAT32_ATOL = 1e-7  # ~1 float32 ulp at 1.0, the largest weights here (measured max difference 1.5e-8)
-BF16_ULP = 2.0**-7  # one unit in the last place, relative to the leading power of two
 MAX_DIFFERENT = 1e-4  # share of entries a float32 rounding difference may flip at bf16
 SIGMAS = 5.0  # binomial bounds for the random part
 

@@ -95,3 +95,11 @@ def test_every_point_of_the_genome_is_a_valid_recipe(name):
     for genome in [np.zeros(space.dim), np.ones(space.dim), *rng.random((30, space.dim))]:
         recipe = space.decode(genome)
         assert PSRecipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+def test_a_path_option_is_kept_as_its_string():
+    from pathlib import Path
+
+    recipe = PSRecipe.uniform("fisher", None, ["a"], parameters={"prompts": Path("prompts.txt")})
+    assert recipe.parameters["prompts"] == "prompts.txt"
+    assert PSRecipe.from_yaml(recipe.to_yaml()) == recipe

@@ -29,7 +29,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import bf16_pool as build_bf16_pool, run_mergekit
+from conftest import bf16_differences, bf16_pool as build_bf16_pool, run_mergekit
 from evomerge.cli import main
 from evomerge.errors import MergeError, RecipeError
 from evomerge.export import mergekit_config, mergekit_notes
@@ -51,7 +51,6 @@ mergekit_stock = pytest.importorskip("mergekit.merge_methods.model_stock", reaso
 
 GROUPS = ("embed", "blocks.0", "blocks.1", "head")
 TOPKS = (0.2, 0.5, 0.8, 0.35)  # sce's select_topk per layer group
-BF16_ULP = 2.0**-7  # one unit in the last place, relative to the leading power of two
 FLOAT32_RTOL = 2.0**-20  # 8 float32 ulps
 MAX_DIFFERENT_BF16 = 1e-4  # of a checkpoint's entries (measured: 0 on this fixture, for both methods)
 
@@ -108,22 +107,6 @@ def sce_recipe(paths, models=("expert_a", "expert_b"), topks=TOPKS) -> PSRecipe:
 def stock_recipe(paths, models=("expert_a", "expert_b"), filter_wise=False) -> PSRecipe:
     return PSRecipe.uniform("model_stock", paths["base"], [paths[m] for m in models], groups=GROUPS,
                             parameters={"filter_wise": filter_wise})
-
-
-def compare_bf16(ours: CheckpointReader, theirs: CheckpointReader, label: str) -> tuple[int, int]:
-    """Every entry within one bf16 ulp; returns (entries that differ, entries)."""
-    assert set(ours.names) == set(theirs.names)
-    different = total = 0
-    for name in ours.names:
-        mine, other = ours.read(name), theirs.read(name)
-        assert mine.dtype == other.dtype == torch.bfloat16, name
-        mine, other = mine.float(), other.float()
-        gap = (mine - other).abs()
-        ulp = BF16_ULP * torch.exp2(torch.floor(torch.log2(torch.maximum(mine.abs(), other.abs()))))
-        assert bool((gap <= ulp).all()), f"{label} {name}: max difference {float(gap.max())}"
-        different += int((gap > 0).sum())
-        total += gap.numel()
-    return different, total
 
 
 def assert_float32_close(ours: torch.Tensor, theirs: torch.Tensor, label: str) -> None:
@@ -195,7 +178,7 @@ def test_mergekit_rebuilds_the_exported_config_at_bf16(bf16_pool, tmp_path, monk
     config = mergekit_config(recipe)
     assert config["out_dtype"] == "bfloat16" and config["merge_method"] == method
     ours = CheckpointReader(merge_to_disk(recipe, tmp_path / "ours"))
-    different, total = compare_bf16(ours, run_mergekit(config, tmp_path / "mergekit"), method)
+    different, total = bf16_differences(ours, run_mergekit(config, tmp_path / "mergekit"), method)
     assert different <= MAX_DIFFERENT_BF16 * total, f"{method}: {different} of {total} entries differ"
 
 

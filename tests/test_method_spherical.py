@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_mergekit
+from conftest import bf16_differences, run_mergekit
 from evomerge.errors import RecipeError
 from evomerge.export import mergekit_config, mergekit_notes
 from evomerge.merge.memory import InMemoryMerger
@@ -40,7 +40,6 @@ from mergekit.merge_methods.nuslerp import nuslerp as mergekit_nuslerp  # noqa: 
 
 GROUPS = ("embed", "blocks.0", "blocks.1", "head")
 FLOAT32_TOLERANCE = 2.0**-20  # relative to a tensor's largest entry: 8 float32 ulps there
-BF16_ULP = 2.0**-7
 MAX_BF16_DIFFERENT = 1e-4  # of all entries (measured: at most 3 of 143,680, 2e-5)
 
 
@@ -76,17 +75,7 @@ def assert_float32_close(ours: CheckpointReader, theirs: CheckpointReader, what:
 
 
 def assert_bf16_close(ours: CheckpointReader, theirs: CheckpointReader, what: str) -> tuple[int, int]:
-    assert set(ours.names) == set(theirs.names)
-    different = total = 0
-    for name in ours.names:
-        mine, other = ours.read(name), theirs.read(name)
-        assert mine.dtype == other.dtype == torch.bfloat16, name
-        mine, other = mine.float(), other.float()
-        gap = (mine - other).abs()
-        ulp = BF16_ULP * torch.exp2(torch.floor(torch.log2(torch.maximum(mine.abs(), other.abs()))))
-        assert bool((gap <= ulp).all()), f"{what} {name}: max difference {float(gap.max())}"
-        different += int((gap > 0).sum())
-        total += gap.numel()
+    different, total = bf16_differences(ours, theirs, what)
     assert different <= MAX_BF16_DIFFERENT * total, f"{what}: {different} of {total} entries differ"
     return different, total
 

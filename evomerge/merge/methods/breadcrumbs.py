@@ -117,7 +117,7 @@ def _breadcrumbs_kernel(
     return out
 
 
-def _breadcrumbs(
+def breadcrumbs(
     base: Tensor,
     tensors: Sequence[Tensor],
     weights: Sequence[float],
@@ -125,12 +125,16 @@ def _breadcrumbs(
     gammas: Sequence[float],
     *,
     consensus: bool,
-    scale: float,
-    normalize: bool,
-    rescale: bool,
-    tables: Sequence[MagnitudeTable | None] | None,
-    out: Tensor | None,
+    scale: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    tables: Sequence[MagnitudeTable | None] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
+    """Drop each task vector's gamma share of largest and its smallest entries so a density share remains
+    (`outlier_trim`); then, with ``consensus`` (breadcrumbs_ties), TIES sign election and disjoint merge, else
+    (breadcrumbs) base + scale * sum(w_i s_i m_i (theta_i - base)) (/ sum w_i with ``normalize``).  ``tables``
+    (one `magnitude_table` per model) only save work."""
     out = output(out, base)
     device = out.device
     tables = tables or [None] * len(tensors)
@@ -165,45 +169,6 @@ def _breadcrumbs(
     return out
 
 
-def breadcrumbs(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    gammas: Sequence[float],
-    *,
-    scale: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = False,
-    tables: Sequence[MagnitudeTable | None] | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Breadcrumbs: drop each task vector's gamma share of largest and its smallest entries so a density share
-    remains (`outlier_trim`), then base + scale * sum(w_i s_i m_i (theta_i - base)) (/ sum w_i with ``normalize``).
-    ``tables`` (one `magnitude_table` per model) only save work."""
-    return _breadcrumbs(base, tensors, weights, densities, gammas, consensus=False, scale=scale,
-                        normalize=normalize, rescale=rescale, tables=tables, out=out)
-
-
-def breadcrumbs_ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    gammas: Sequence[float],
-    *,
-    scale: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = False,
-    tables: Sequence[MagnitudeTable | None] | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Breadcrumbs with TIES: the same selection as `breadcrumbs`, then TIES sign election and disjoint merge,
-    base + scale * disjoint_mean(w_i s_i m_i (theta_i - base))."""
-    return _breadcrumbs(base, tensors, weights, densities, gammas, consensus=True, scale=scale,
-                        normalize=normalize, rescale=rescale, tables=tables, out=out)
-
-
 def _notes(recipe: Any, half: Sequence[str]) -> list[str]:
     if not half:
         return []
@@ -216,7 +181,7 @@ def _notes(recipe: Any, half: Sequence[str]) -> list[str]:
 def _breadcrumbs_merge(consensus: bool):
     def merge(inputs: Inputs, *, weight: PerModel = WEIGHT, density: PerModel = DENSITY, gamma: PerModel = GAMMA,
               lambda_: Finite = 1.0, normalize: bool = False, rescale: bool = False) -> Tensor:
-        return _breadcrumbs(inputs.base, inputs.tensors, weight, density, gamma, consensus=consensus, scale=lambda_,
+        return breadcrumbs(inputs.base, inputs.tensors, weight, density, gamma, consensus=consensus, scale=lambda_,
                             normalize=normalize, rescale=rescale, tables=inputs.magnitude_tables, out=inputs.out)
     return merge
 

@@ -73,7 +73,7 @@ def _dare_rescales(
     return factors
 
 
-def _dare(
+def dare(
     base: Tensor,
     tensors: Sequence[Tensor],
     weights: Sequence[float],
@@ -81,11 +81,15 @@ def _dare(
     keys: Sequence[tuple[int, int]],
     *,
     consensus: bool,
-    scale: float,
-    normalize: bool,
-    rescale: str,
-    out: Tensor | None,
+    scale: float = 1.0,
+    normalize: bool = False,
+    rescale: str = "dare",
+    out: Tensor | None = None,
 ) -> Tensor:
+    """DARE: drop each delta entry with probability 1 - density (kept when its draw from `dare_draws` with that
+    model's key is below density) and rescale the survivors (``rescale``: "dare" 1/density, "l1" the L1-norm
+    match); then, with ``consensus`` (dare_ties), TIES sign election and disjoint merge, else (dare_linear) a
+    weighted sum of the task vectors, divided by the weights' sum with ``normalize``; times ``scale``."""
     out = output(out, base)
     key_table = torch.tensor(list(keys), dtype=torch.int64, device=base.device)
     run_kernel(
@@ -104,41 +108,6 @@ def _dare(
         normalize,
     )
     return out
-
-
-def dare_ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    keys: Sequence[tuple[int, int]],
-    *,
-    scale: float = 1.0,
-    normalize: bool = False,
-    rescale: str = "dare",
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE-TIES: drop each delta entry with probability 1 - density (kept when its draw from `dare_draws`
-    with that model's key is below density), rescale survivors, then TIES sign election and disjoint merge."""
-    return _dare(base, tensors, weights, densities, keys, consensus=True, scale=scale,
-                 normalize=normalize, rescale=rescale, out=out)
-
-
-def dare_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    keys: Sequence[tuple[int, int]],
-    *,
-    scale: float = 1.0,
-    normalize: bool = False,
-    rescale: str = "dare",
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE drop-and-rescale (see `dare_ties`), then a weighted sum of the task vectors (task arithmetic)."""
-    return _dare(base, tensors, weights, densities, keys, consensus=False, scale=scale,
-                 normalize=normalize, rescale=rescale, out=out)
 
 
 
@@ -161,7 +130,7 @@ def _dare_merge(consensus: bool):
               normalize: bool = False, rescale: Literal["dare", "l1"] = "dare",
               seed: Annotated[int, Field(ge=0)] = 0) -> Tensor:
         keys = [dare_key(seed, inputs.name, index) for index in range(len(inputs.tensors))]
-        return _dare(inputs.base, inputs.tensors, weight, density, keys, consensus=consensus, scale=lambda_,
+        return dare(inputs.base, inputs.tensors, weight, density, keys, consensus=consensus, scale=lambda_,
                      normalize=normalize, rescale=rescale, out=inputs.out)
     return merge
 

@@ -167,7 +167,7 @@ def _della_kernel(
     return out
 
 
-def _della(
+def della(
     base: Tensor,
     tensors: Sequence[Tensor],
     weights: Sequence[float],
@@ -176,11 +176,14 @@ def _della(
     keys: Sequence[tuple[int, int]],
     *,
     consensus: bool,
-    scale: float,
+    scale: float = 1.0,
     normalize: bool,
-    rescale: bool,
-    out: Tensor | None,
+    rescale: bool = True,
+    out: Tensor | None = None,
 ) -> Tensor:
+    """MAGPRUNE each task vector (`della_prune`, draws keyed by ``keys``) and weight it; then, with ``consensus``
+    (della), TIES sign consensus: base + scale * disjoint_mean(w_i s_i m_i (theta_i - base)); else (della_linear)
+    base + scale * sum(w_i s_i m_i (theta_i - base)), divided by sum(w_i) with ``normalize``."""
     out = output(out, base)
     device = out.device
     masks, factors = [], []
@@ -204,44 +207,6 @@ def _della(
         normalize,
     )
     return out
-
-
-def della(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    epsilons: Sequence[float],
-    keys: Sequence[tuple[int, int]],
-    *,
-    scale: float = 1.0,
-    normalize: bool = True,
-    rescale: bool = True,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DELLA: MAGPRUNE each task vector (`della_prune`, draws keyed by ``keys``), weight it, then TIES sign
-    consensus: base + scale * disjoint_mean(w_i s_i m_i (theta_i - base))."""
-    return _della(base, tensors, weights, densities, epsilons, keys, consensus=True, scale=scale,
-                  normalize=normalize, rescale=rescale, out=out)
-
-
-def della_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    weights: Sequence[float],
-    densities: Sequence[float],
-    epsilons: Sequence[float],
-    keys: Sequence[tuple[int, int]],
-    *,
-    scale: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Linear DELLA: MAGPRUNE each task vector (see `della`), then base + scale * sum(w_i s_i m_i (theta_i - base))
-    (divided by sum(w_i) with ``normalize``)."""
-    return _della(base, tensors, weights, densities, epsilons, keys, consensus=False, scale=scale,
-                  normalize=normalize, rescale=rescale, out=out)
 
 
 def _options(options: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +235,7 @@ def _della_merge(consensus: bool, normalize_default: bool):
               epsilon: PerModel = EPSILON, lambda_: Finite = 1.0, normalize: bool = normalize_default,
               rescale: bool = True, seed: Annotated[int, Field(ge=0)] = 0) -> Tensor:
         keys = [dare_key(seed, inputs.name, index) for index in range(len(inputs.tensors))]
-        return _della(inputs.base, inputs.tensors, weight, density, epsilon, keys, consensus=consensus,
+        return della(inputs.base, inputs.tensors, weight, density, epsilon, keys, consensus=consensus,
                       scale=lambda_, normalize=normalize, rescale=rescale, out=inputs.out)
     return merge
 

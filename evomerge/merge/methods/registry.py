@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -141,8 +142,10 @@ class MergeMethod:
         unknown = set(given) - set(self.options)
         if unknown:
             raise RecipeError(f"{self.name} has no parameter(s) {sorted(unknown)}; it takes {sorted(self.options) or 'none'}")
-        try:
-            checked = self._option_model.model_validate({self._python_names[key]: value for key, value in given.items()})
+        try:  # a path option given as a Path is kept as its string, as YAML holds it
+            checked = self._option_model.model_validate(
+                {self._python_names[key]: os.fspath(value) if isinstance(value, os.PathLike) else value
+                 for key, value in given.items()})
         except ValidationError as error:
             problem = error.errors()[0]
             key = next(k for k, name in self._python_names.items() if name == problem["loc"][0])
