@@ -48,7 +48,8 @@ GENERATIONS, SLOW_GENERATIONS = enough_generations(KILLS), enough_generations(SL
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="lives are forked")
 
 
-def start_life(run_dir: Path, trace: Path, home: Path, slow: bool = True, generations: int = GENERATIONS) -> int:
+def start_life(run_dir: Path, trace: Path, home: Path, slow: bool = True, generations: int = GENERATIONS,
+               racing: bool = False) -> int:
     trace.write_text("")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -56,7 +57,7 @@ def start_life(run_dir: Path, trace: Path, home: Path, slow: bool = True, genera
     if pid == 0:  # the child: run the search, never return into pytest
         code = 0
         try:
-            crash_search.search(run_dir, trace, generations, home, slow)
+            crash_search.search(run_dir, trace, generations, home, slow, racing)
         except BaseException:
             with open(run_dir.parent / "child_errors.txt", "a") as handle:
                 traceback.print_exc(file=handle)
@@ -81,8 +82,9 @@ def without_seconds(entry: dict | None) -> dict | None:
     return None if entry is None else {k: v for k, v in entry.items() if k != "seconds"}
 
 
-def uninterrupted(root: Path, home: Path, generations: int) -> Path:
-    finish_life(start_life(root / "run", root / "trace", home, slow=False, generations=generations), root / "run")
+def uninterrupted(root: Path, home: Path, generations: int, racing: bool = False) -> Path:
+    finish_life(start_life(root / "run", root / "trace", home, slow=False, generations=generations, racing=racing),
+                root / "run")
     return root / "run"
 
 
@@ -101,11 +103,17 @@ def reference(tmp_path_factory, micro_zoo_home) -> Path:
 
 
 @pytest.fixture(scope="module")
+def racing_reference(tmp_path_factory, micro_zoo_home) -> Path:
+    return uninterrupted(tmp_path_factory.mktemp("racing_reference"), micro_zoo_home, GENERATIONS, racing=True)
+
+
+@pytest.fixture(scope="module")
 def slow_reference(tmp_path_factory, micro_zoo_home) -> Path:
     return uninterrupted(tmp_path_factory.mktemp("slow_reference"), micro_zoo_home, SLOW_GENERATIONS)
 
 
-def kill_and_resume(root: Path, reference: Path, home: Path, seed: int, kills: int, generations: int) -> list[tuple]:
+def kill_and_resume(root: Path, reference: Path, home: Path, seed: int, kills: int, generations: int,
+                    racing: bool = False) -> list[tuple]:
     """Kill a search `kills` times at random moments, checking the run directory after each kill, then let it
     finish; returns the plan (phase aimed at, occurrence, fraction, phase hit, checkpoint files left)."""
     rng = random.Random(seed)
@@ -115,7 +123,7 @@ def kill_and_resume(root: Path, reference: Path, home: Path, seed: int, kills: i
     for index in range(kills):
         aim = PHASES[index % len(PHASES)]
         occurrence, fraction = rng.randint(1, 2 if aim == "checkpoint" else 3), rng.random()
-        pid = start_life(run_dir, trace, home, generations=generations)
+        pid = start_life(run_dir, trace, home, generations=generations, racing=racing)
         while trace.read_text().splitlines().count(aim) < occurrence:
             finished, _ = os.waitpid(pid, os.WNOHANG)
             assert finished == 0, f"seed {seed}: the search finished before kill {index + 1} ({plan})"
@@ -130,7 +138,7 @@ def kill_and_resume(root: Path, reference: Path, home: Path, seed: int, kills: i
         state = load_checkpoint(run_dir)  # never half-written: it loads, or the run has not checkpointed yet
         kept = state["log_lines"] if state is not None else 0
         assert entries(run_dir)[:kept] == expected[:kept], f"seed {seed}: log differs after kill {plan[-1]}"
-    finish_life(start_life(run_dir, trace, home, generations=generations), run_dir)
+    finish_life(start_life(run_dir, trace, home, generations=generations, racing=racing), run_dir)
     assert entries(run_dir) == expected, f"seed {seed}: {plan}"
     assert (run_dir / "best_recipe.yaml").read_text() == (reference / "best_recipe.yaml").read_text()
     final, uninterrupted = load_checkpoint(run_dir), load_checkpoint(reference)
@@ -139,10 +147,11 @@ def kill_and_resume(root: Path, reference: Path, home: Path, seed: int, kills: i
     return plan
 
 
-def run_kills(tmp_path: Path, reference: Path, home: Path, seed: int | None, kills: int, generations: int) -> None:
+def run_kills(tmp_path: Path, reference: Path, home: Path, seed: int | None, kills: int, generations: int,
+              racing: bool = False) -> None:
     seed = int(os.environ.get("EVOMERGE_CRASH_SEED", seed if seed is not None else random.randrange(2**31)))
     print(f"crash-safety seed {seed} (EVOMERGE_CRASH_SEED={seed} draws this plan again)")
-    plan = kill_and_resume(tmp_path, reference, home, seed, kills, generations)
+    plan = kill_and_resume(tmp_path, reference, home, seed, kills, generations, racing)
     print("kills (aimed phase, occurrence, fraction, phase hit, checkpoint files left):", *plan, sep="\n  ")
     hit = {entry[3] for entry in plan}
     assert len(plan) == kills and set(PHASES) <= hit, f"seed {seed}: kills landed in {hit}: {plan}"
@@ -150,6 +159,14 @@ def run_kills(tmp_path: Path, reference: Path, home: Path, seed: int | None, kil
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_path, reference, micro_zoo_home):
     run_kills(tmp_path, reference, micro_zoo_home, None, kills=KILLS, generations=GENERATIONS)
+
+
+def test_sigkill_a_raced_search_then_resume_gives_the_uninterrupted_run(tmp_path, racing_reference, micro_zoo_home):
+    """fitness=racing: a kill mid-race (each generation races in rounds of 2, 4 and 8 rows per task) re-races its
+    generation into the same log lines. (The micro experts score 0 everywhere, so every race runs to the end.)"""
+    log = entries(racing_reference)
+    assert all(e["confirmed"] == (e["metrics"].get("n") == 16) for e in log if e["error"] is None)
+    run_kills(tmp_path, racing_reference, micro_zoo_home, None, kills=KILLS, generations=GENERATIONS, racing=True)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from evomerge.search.executor import RayExecutor, available_cpus, executor_setti
 from evomerge.search.optimizer import CMAES
 from evomerge.search.run import Budget, SearchError, SerialExecutor, run_search
 from tests.helpers.synthetic_search import SyntheticProblem
+from tests.test_racing import RowProblem, race, raced_search
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +134,19 @@ def test_a_candidate_whose_worker_died_is_retried_and_failed_when_it_keeps_dying
     assert outcomes[1].error is None  # retried on a new worker, which did not die
     assert outcomes[3].metrics == {} and "worker evaluating this candidate died 2 times" in outcomes[3].error
     assert replaced == 3 and len(list(markers.iterdir())) == 3  # #1 once, #3 on its try and its one retry
+
+
+def test_a_raced_search_on_ray_workers_gives_the_serial_log(local_cluster, tmp_path):
+    """fitness=racing on workers: every round sends the same rows to whichever worker is free."""
+    raced_search(tmp_path / "serial", 3)
+    executor = RayExecutor(RowProblem, workers=2)
+    try:
+        run_search(tmp_path / "ray", RowProblem(), lambda: CMAES(3, seed=2, popsize=8), {"problem": "rows"},
+                   Budget(3), executor=executor, race=race(parents=4), progress=False)
+    finally:
+        executor.close()
+    assert _lines(tmp_path / "ray") == _lines(tmp_path / "serial")
+    assert any(not line["confirmed"] for line in _lines(tmp_path / "ray"))
 
 
 def test_a_worker_that_cannot_build_the_problem_stops_the_search_with_its_error(local_cluster):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,15 @@ from evomerge.eval.generate import (
     encode_prompts,
     generate_encoded,
 )
-from evomerge.eval.task import AnyTask, CompositeTask, SplitData, Task
+from evomerge.eval.task import AnyTask, CompositeTask, SampleScore, SplitData, Task
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """Some rows of one plain task, scored: each row's score and its answer's generated tokens."""
+
+    scores: tuple[SampleScore, ...]
+    tokens: tuple[int, ...]
 
 @dataclass
 class EvalResult:
@@ -123,6 +131,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.cache = cache if cache is not None else ResultCache()
         self.progress = progress
+        self._subsets: dict[str, tuple[tuple[int, ...], _PreparedTask]] = {}  # the last slice asked of each task
         plain_tasks = [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]
         plain_tasks = list({plain.name: plain for plain in plain_tasks}.values())  # a task scored twice runs once
         self.prepared = [
@@ -187,28 +196,63 @@ class Evaluator:
             self.cache.put(key, result)
         return result
 
-    def _run(self, model: torch.nn.Module, prepared: _PreparedTask) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        task, examples = prepared.task, prepared.data.examples
+    def evaluate_rows(self, model: torch.nn.Module, rows: Mapping[str, Sequence[int]]) -> dict[str, RowScores]:
+        """Per plain task named in `rows`, the scores of those rows of the split only (indices into it), in the
+        order given: a race scores each candidate on growing slices and compares candidates row by row. Not
+        cached: a race never asks a candidate for the same rows twice."""
+        results = {}
+        for prepared in self.prepared:
+            indices = tuple(rows.get(prepared.task.name, ()))
+            if indices:
+                _, scores, tokens = self._generate(model, self._subset(prepared, indices))
+                results[prepared.task.name] = RowScores(tuple(scores), tuple(tokens))
+        return results
+
+    def _subset(self, prepared: _PreparedTask, indices: tuple[int, ...]) -> _PreparedTask:
+        """`prepared` cut to the given rows, encoded once per task and slice (every candidate of a race's round
+        asks for the same rows)."""
+        kept = self._subsets.get(prepared.task.name)
+        if kept is None or kept[0] != indices:
+            if min(indices) < 0 or max(indices) >= len(prepared.prompts):
+                raise IndexError(f"rows {min(indices)}..{max(indices)} asked of {prepared.task.name}/{self.split}, "
+                                 f"which has {len(prepared.prompts)}")
+            prompts = [prepared.prompts[i] for i in indices]
+            data = replace(prepared.data, examples=tuple(prepared.data.examples[i] for i in indices))
+            settings = prepared.settings
+            encoded = encode_prompts(self.tokenizer, prompts, settings.batch_size, settings.max_padding,
+                                     settings.max_batch_tokens, max_decode_padding=settings.max_decode_padding)
+            kept = indices, replace(prepared, data=data, prompts=prompts, encoded=encoded)
+            self._subsets[prepared.task.name] = kept
+        return kept[1]
+
+    def _generate(self, model: torch.nn.Module, prepared: _PreparedTask) -> tuple[list[str], list[SampleScore], list[int]]:
+        """Each row's generation, its score and how many tokens its answer took (as cut at the stop strings)."""
         generations = generate_encoded(
-            model, self.tokenizer, prepared.encoded, prepared.settings, self.progress, f"{task.name}/{self.split}"
+            model, self.tokenizer, prepared.encoded, prepared.settings, self.progress,
+            f"{prepared.task.name}/{self.split}",
         )
-        golds = [example.answer for example in examples]
-        scores = task.score(generations, golds)
+        scores = prepared.task.score(generations, [example.answer for example in prepared.data.examples])
+        tokens = [len(ids) for ids in self.tokenizer(generations, add_special_tokens=False)["input_ids"]] if generations else []
+        return generations, scores, tokens
+
+    def _run(self, model: torch.nn.Module, prepared: _PreparedTask) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        generations, scores, tokens = self._generate(model, prepared)
         samples = [
             {
-                "task": task.name,
+                "task": prepared.task.name,
                 "index": index,
                 "prompt": prompt,
                 "generation": generation,
                 "extracted": score.extracted,
-                "gold": gold,
+                "gold": example.answer,
                 "japanese_prob": score.japanese_prob,
                 "correct": score.correct,
                 "correct_ja": score.correct_ja,
             }
-            for index, (prompt, generation, gold, score) in enumerate(zip(prepared.prompts, generations, golds, scores))
+            for index, (prompt, generation, example, score) in enumerate(
+                zip(prepared.prompts, generations, prepared.data.examples, scores))
         ]
-        return task.metrics(scores, self.split), samples
+        return prepared.task.metrics(scores, self.split, sum(tokens)), samples
 
 
 GENERATION_OPTIONS = ("batch_size", "max_padding", "max_decode_padding", "max_batch_tokens", "max_new_tokens")

@@ -54,6 +54,7 @@ Scorer = Literal["last_number", "phrase_first_line"]
 Metric = Literal["acc", "acc_ja", "ja_rate"]
 SCORERS: tuple[str, ...] = get_args(Scorer)
 SAMPLE_METRICS: tuple[str, ...] = get_args(Metric)
+OUTCOMES = {"acc": "correct", "acc_ja": "correct_ja", "ja_rate": "is_japanese"}  # metric -> its per-row outcome
 # Task variables that are also top-level config settings, passed to every task a command loads (eval, search).
 CONFIG_VARIABLES = ("mgsm_dir", "mgsm_search_file")
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
@@ -88,6 +89,10 @@ class SampleScore:
     @property
     def correct_ja(self) -> bool:
         return self.correct and self.is_japanese
+
+    def outcome(self, metric: str) -> bool:
+        """This row's 0/1 outcome in a sample metric: the metric is its mean over the rows."""
+        return bool(getattr(self, OUTCOMES[metric]))
 
 
 class _Schema(BaseModel):
@@ -303,17 +308,16 @@ class Task:
             scores.append(SampleScore(extracted, correct, probability))
         return scores
 
-    def metrics(self, scores: Sequence[SampleScore], split: str) -> dict[str, Any]:
-        """acc, acc_ja, ja_rate, n, the split, and `score` = the primary metric (the search fitness)."""
+    def metrics(self, scores: Sequence[SampleScore], split: str, tokens: int | None = None) -> dict[str, Any]:
+        """acc, acc_ja, ja_rate, n, the split, and `score` = the primary metric (the search fitness); `tokens`
+        (the answers' generated tokens, what an evaluation cost) where the caller counted them."""
         n = len(scores)
         if n == 0:
             raise ValueError(f"no samples to score for task {self.name!r} split {split!r}")
-        metrics: dict[str, Any] = {
-            "acc": sum(s.correct for s in scores) / n,
-            "acc_ja": sum(s.correct_ja for s in scores) / n,
-            "ja_rate": sum(s.is_japanese for s in scores) / n,
-            "n": n,
-        }
+        metrics: dict[str, Any] = {metric: sum(s.outcome(metric) for s in scores) / n for metric in SAMPLE_METRICS}
+        metrics["n"] = n
+        if tokens is not None:
+            metrics["tokens"] = tokens
         metrics["score"] = metrics[self.primary_metric]
         metrics["split"] = split
         return metrics
@@ -350,6 +354,8 @@ class CompositeTask:
             key: sum(m[key] * m["n"] for m in component_metrics.values()) / total for key in SAMPLE_METRICS
         }
         metrics["n"] = total
+        if all("tokens" in m for m in component_metrics.values()):
+            metrics["tokens"] = sum(m["tokens"] for m in component_metrics.values())
         objectives = [component_metrics[c.task.name][c.metric] for c in self.components]
         metrics["score"] = sum(objectives) / len(objectives)
         metrics["split"] = split
@@ -365,9 +371,9 @@ AnyTask = Task | CompositeTask
 
 def metric_names(task: AnyTask) -> list[str]:
     """The numeric metrics an evaluation of `task` yields (what a search may name as an objective)."""
-    names = [*SAMPLE_METRICS, "n", "score"]
+    names = [*SAMPLE_METRICS, "n", "tokens", "score"]
     if isinstance(task, CompositeTask):
-        names += [f"{c.task.name}/{key}" for c in task.components for key in (*SAMPLE_METRICS, "n", "score")]
+        names += [f"{c.task.name}/{key}" for c in task.components for key in (*SAMPLE_METRICS, "n", "tokens", "score")]
     return names
 
 

@@ -1,6 +1,6 @@
 """`evomerge search`: run or resume a search in a run directory, then score its result on the test split.
 
-`search.kind` picks the search: `ps` (CMA-ES over merge values), `dfs` (NSGA-II over layer paths), or `ps_dfs`
+`search.kind` picks the search: `ps` (CMA-ES over merge values), `dfs` (NSGA-II or CMA-ES over layer paths), or `ps_dfs`
 (EvoLLM's pipeline: the PS search in `<run>/ps`, its winner merged to `<run>/ps/merged` and put first in the
 pool, then the DFS search in `<run>/dfs`). Every stage resumes from its own checkpoint.
 
@@ -34,7 +34,7 @@ from evomerge.eval.task import AnyTask, CompositeTask, Task, check_objectives, l
 from evomerge.merge.stream import merge_to_disk
 from evomerge.pool import Pool, check_placement, config_variables, early_variables, resolve_pool
 from evomerge.recipe import PSRecipe
-from evomerge.search import dfs, ps
+from evomerge.search import dfs, ps, racing
 from evomerge.search.executor import executor_settings, make_executor
 from evomerge.search.plots import plot_fitness, plot_pareto
 from evomerge.search.run import (
@@ -99,6 +99,8 @@ def search_settings(cfg: DictConfig, pool: Pool) -> dict:
         settings["merge"] = OmegaConf.to_container(cfg.merge, resolve=True)
     if config_variables(cfg):  # the task data given (mgsm_search_file=...): a resumed run must read the same
         settings["task_variables"] = config_variables(cfg)
+    if racing.fitness_schedule(OmegaConf.to_container(cfg.fitness, resolve=True)) is not None:  # (absent under fitness=full: older runs resume as they were)
+        settings["fitness"] = OmegaConf.to_container(cfg.fitness, resolve=True)
     return settings
 
 
@@ -157,6 +159,10 @@ def check_task(cfg: DictConfig, variables: dict[str, str], read: dict[str, dict[
 
 def preflight(cfg: DictConfig) -> dict:
     """Every check that needs no model, before the pool is fetched, built or loaded (see the module's doc)."""
+    raced = racing.fitness_schedule(OmegaConf.to_container(cfg.fitness, resolve=True)) is not None
+    if raced and cfg.search.kind != "ps":
+        raise SearchError(f"fitness=racing races the PS search's candidates (CMA-ES); search.kind={cfg.search.kind} "
+                          "needs fitness=full")
     check_placement(cfg.device, cfg.dtype)
     executor_settings(cfg)
     models = [str(model) for model in OmegaConf.select(cfg, "pool.models") or []]
@@ -167,7 +173,10 @@ def preflight(cfg: DictConfig) -> dict:
             ps.check_settings(stage_cfg, str(OmegaConf.select(cfg, "pool.base")), models)
         else:
             dfs.check_settings(stage_cfg.search, n_models)
-    return check_task(cfg, early_variables(cfg))
+    record = check_task(cfg, early_variables(cfg))
+    if raced:
+        racing.components(load_task(cfg.task.name, early_variables(cfg)), cfg.search.objectives[0])
+    return record
 
 
 def write_config(cfg: DictConfig, run_dir: Path, record: dict) -> None:
@@ -199,12 +208,14 @@ def stage(cfg: DictConfig, pool: Pool, module: ModuleType) -> Iterator[tuple[Any
 
 def search(cfg: DictConfig, pool: Pool, run_dir: Path, problem: Any, make_optimizer: Callable[[], Any],
            executor: Executor) -> SearchResult:
-    """Run (or resume) the stage's search in `run_dir` and plot its progress."""
+    """Run (or resume) the stage's search in `run_dir` (raced under fitness=racing) and plot its progress."""
     if load_checkpoint(run_dir) is not None:
         print(f"resuming the search in {run_dir}")
     budget = Budget(int(cfg.search.generations), cfg.search.max_seconds, cfg.search.max_evaluations)
+    schedule = racing.fitness_schedule(OmegaConf.to_container(cfg.fitness, resolve=True))
+    race = None if schedule is None else ps.make_race(cfg, problem, schedule, make_optimizer().parents)
     result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget,
-                        executor=executor, progress=cfg.progress)
+                        executor=executor, race=race, progress=cfg.progress)
     plot_fitness(result.history, run_dir / "fitness.png", cfg.search.objectives[0])
     return result
 

@@ -1,4 +1,4 @@
-"""Data-flow-space search (EvoLLM's DFS): NSGA-II over layer paths through the pool models' blocks.
+"""Data-flow-space search (EvoLLM's DFS): NSGA-II (or CMA-ES) over layer paths through the pool models' blocks.
 
 The pool's models (not its base) stay resident; each candidate is a path model over their blocks (no copies),
 scored on the task's search split. Objectives are metric names, maximised, "-" minimising: by default the
@@ -6,13 +6,19 @@ task score against `path_fraction` (path length / T, the inference cost). `searc
 constraint of the search (paths within it survive before longer ones) and limits the final choice: after the
 search, the Pareto front of everything evaluated is written, and the chosen point -- the best primary objective
 among paths no longer than the limit -- is scored on the test split beside the sources.
+
+The scaling matrix evolves: NSGA-II's random first paths draw their scales around 1 (`scale_init_spread`), and
+each child moves the scales its own path uses (`scale_mutation_probability`, `scale_mutation_sigma`). A path uses
+one of the M x M scales per hop, so pymoo's mutation of the reals (each with probability 1 / M^2, one a child)
+almost never reaches one it uses. `search.optimizer=cmaes` is EvoLLM's single-objective variant: pycma on the
+whole box, a slot included at >= 0.5.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,18 +26,18 @@ from omegaconf import DictConfig
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
-from evomerge.eval.task import AnyTask, check_objectives, load_task
 from evomerge.errors import MergeError, SearchError
+from evomerge.eval.task import AnyTask, check_objectives, load_task
 from evomerge.modelio import load_model, read_config
 from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
 from evomerge.recipe import DFSRecipe
 from evomerge.search.genome import DFSGenomeSpace
-from evomerge.search.optimizer import NSGA2
+from evomerge.search.optimizer import CMAES, NSGA2
 from evomerge.search.ps import PoolProblem, ReportItem, report_row
 
-
 PATH_METRICS = ("path_length", "path_fraction")  # what a candidate's path costs, beside the task's metrics
+OPTIMIZERS = ("nsga2", "cmaes")
 
 
 class DFSProblem(PoolProblem):
@@ -95,12 +101,31 @@ def genome_space(cfg: DictConfig, models: Sequence[str]) -> DFSGenomeSpace:
     )
 
 
+def _check_number(search: DictConfig, key: str, valid: Callable[[float], bool], allowed: str) -> None:
+    value = search[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+        raise SearchError(f"search.{key}={value!r}: must be {allowed}")
+
+
 def check_settings(search: DictConfig, n_models: int) -> None:
     """The DFS settings that need no model (checked before the pool is touched, and again here)."""
+    if search.optimizer not in OPTIMIZERS:
+        raise SearchError(f"search.optimizer={search.optimizer!r}: use 'nsga2' or 'cmaes'")
+    if search.optimizer == "cmaes" and len(search.objectives) != 1:
+        raise SearchError(f"search.optimizer=cmaes optimises one objective, search.objectives has "
+                          f"{len(search.objectives)} ({', '.join(search.objectives)}): keep one (e.g. "
+                          "search.objectives=[score]) or use search.optimizer=nsga2")
+    if search.optimizer == "cmaes" and search.max_path_length is not None:
+        raise SearchError(f"search.max_path_length={search.max_path_length}: a constraint of NSGA-II's survival, which "
+                          "search.optimizer=cmaes has not: set it to null or use search.optimizer=nsga2")
     if search.repeats < 1:
         raise SearchError(f"search.repeats={search.repeats}: a layer path needs at least one repeat of the blocks")
     if search.popsize < 2:
-        raise SearchError(f"search.popsize={search.popsize}: NSGA-II needs a population of at least 2")
+        raise SearchError(f"search.popsize={search.popsize}: the search needs a population of at least 2")
+    _check_number(search, "sigma0", lambda v: 0 < v <= 1, "in (0, 1] (CMA-ES's first step in the unit box)")
+    _check_number(search, "scale_init_spread", lambda v: v >= 0, ">= 0 (0: the first scales all 1)")
+    _check_number(search, "scale_mutation_probability", lambda v: 0 <= v <= 1, "in [0, 1]")
+    _check_number(search, "scale_mutation_sigma", lambda v: v >= 0, ">= 0 (a step in scale units)")
     if search.max_path_length is not None and search.max_path_length < 1:
         raise SearchError(f"search.max_path_length={search.max_path_length}: must be at least 1 block (or null)")
     minimised = [name for name in search.objectives if name.startswith("-")]
@@ -121,13 +146,31 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
     task = load_task(cfg.task.name, pool.variables)
     check_objectives(search.objectives, task, extra=PATH_METRICS)
     space = genome_space(cfg, pool.models)
-    problem = DFSProblem(cfg, pool, space, task)
-    initial = space.initial_population(int(search.popsize), int(search.seed), float(search.include_probability))
+    return DFSProblem(cfg, pool, space, task), optimizer_factory(search, space)
+
+
+def optimizer_factory(search: DictConfig, space: DFSGenomeSpace) -> Callable[[], CMAES | NSGA2]:
+    """Builds the optimizer `search.optimizer` names over `space` (afresh for each resume, which replays it)."""
+    if search.optimizer == "cmaes":
+        return functools.partial(CMAES, space.dim, seed=int(search.seed), sigma0=float(search.sigma0),
+                                 popsize=int(search.popsize), x0=cmaes_mean(space))
+    initial = space.initial_population(int(search.popsize), int(search.seed), float(search.include_probability),
+                                       float(search.scale_init_spread))
     limit = search.max_path_length
     violation = None if limit is None else functools.partial(over_length, space, int(limit))
-    optimizer = lambda: NSGA2(space.slots, space.blocks**2, len(search.objectives), seed=int(search.seed),  # noqa: E731
-                              popsize=int(search.popsize), initial=initial, violation=violation)
-    return problem, optimizer
+    mutate = functools.partial(space.perturb_used_scales, probability=float(search.scale_mutation_probability),
+                               sigma=float(search.scale_mutation_sigma))
+    return functools.partial(NSGA2, space.slots, space.blocks**2, len(search.objectives), seed=int(search.seed),
+                             popsize=int(search.popsize), initial=initial, violation=violation, mutate=mutate)
+
+
+def cmaes_mean(space: DFSGenomeSpace) -> np.ndarray:
+    """CMA-ES's first mean: the `embed_from` model's own path, every scale 1, with each slot halfway between the
+    0.5 threshold and the box's edge (0.25 / 0.75), so a step of sigma0 = 1/6 flips about one slot in fifteen;
+    from 0 / 1 a slot would flip only past three sigma0 and the path would barely move."""
+    genome = space.model_path(space.embed_from)
+    genome[: space.slots] = 0.25 + 0.5 * genome[: space.slots]
+    return genome
 
 
 def over_length(space: DFSGenomeSpace, max_path_length: int, genome: np.ndarray) -> float:

@@ -34,6 +34,7 @@ from evomerge.search.run import (
     Outcome,
     Problem,
     Recipe,
+    Rows,
     SearchError,
     SerialExecutor,
     evaluate_safely,
@@ -55,8 +56,8 @@ class _Worker:
     def ready(self) -> int:
         return os.getpid()
 
-    def evaluate(self, recipe: Recipe) -> Outcome:
-        return evaluate_safely(self.problem, recipe)
+    def evaluate(self, job: tuple[Recipe, Rows | None]) -> Outcome:
+        return evaluate_safely(self.problem, *job)
 
     def report_row(self, item: Any) -> dict[str, Any]:
         return self.problem.report_row(item)
@@ -120,10 +121,12 @@ class RayExecutor:
         self.actors[slot] = self._new_actor()
         self.replaced += 1
 
-    def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
-        """Outcomes in the order of `recipes`; an error past `evaluate_safely`, or a worker that died more than
-        `max_retries` times, makes a failed candidate (logged, never dropped)."""
-        yield from self._in_order("evaluate", recipes, "candidate", lambda why: Outcome({}, {}, why))
+    def map(self, recipes: Sequence[Recipe], rows: Rows | None = None) -> Iterator[Outcome]:
+        """Outcomes in the order of `recipes` (each on `rows` only, when given: a race's round, the same rows on
+        every worker); an error past `evaluate_safely`, or a worker that died more than `max_retries` times, makes
+        a failed candidate (logged, never dropped)."""
+        jobs = [(recipe, rows) for recipe in recipes]
+        yield from self._in_order("evaluate", jobs, "candidate", lambda why: Outcome({}, {}, why))
 
     def report(self, items: Sequence[Any]) -> list[dict[str, Any]]:
         """The held-out report's rows, in parallel on the workers' resident pools; a row that fails ends it."""

@@ -156,8 +156,12 @@ class DFSGenomeSpace:
         return DFSRecipe(self.models, self.layers, self.repeats, include, scales, self.embed_from)
 
     def unit_scale(self) -> float:
+        return float(self.to_unit(np.array(1.0)))
+
+    def to_unit(self, scales: np.ndarray) -> np.ndarray:
+        """The box coordinates that decode to `scales` (clipped into `scale_range`; 0.5 when it is a point)."""
         low, high = self.scale_range
-        return 0.5 if high == low else (1.0 - low) / (high - low)
+        return np.full(np.shape(scales), 0.5) if high == low else np.clip((scales - low) / (high - low), 0.0, 1.0)
 
     def model_path(self, model: int) -> np.ndarray:
         """The genome of `model` on its own: its blocks in order in the first repeat, every scale 1."""
@@ -166,15 +170,38 @@ class DFSGenomeSpace:
         genome[start : start + self.layers[model]] = 1.0
         return genome
 
-    def initial_population(self, size: int, seed: int, include_probability: float) -> list[np.ndarray]:
-        """Each model's own path first, then random paths (each slot in with `include_probability`), all with
-        scales 1: the search starts from working models and varies the path before the scales."""
+    def initial_population(self, size: int, seed: int, include_probability: float,
+                           scale_spread: float = 0.0) -> list[np.ndarray]:
+        """Each model's own path first (every scale 1: the working models as they are), then random paths (each
+        slot in with `include_probability`) whose scales are drawn from N(1, `scale_spread`) clipped to
+        `scale_range` (spread 0: all 1, as before) -- crossover cannot move a scale both parents hold alike."""
         if not 0 < include_probability <= 1:
             raise MergeError(f"search.include_probability must be in (0, 1], got {include_probability}")
+        if not scale_spread >= 0:
+            raise MergeError(f"search.scale_init_spread must be >= 0, got {scale_spread}")
         rng = np.random.default_rng(seed)
         population = [self.model_path(m) for m in range(len(self.models))][:size]
         while len(population) < size:
             indicators = (rng.random(self.slots) < include_probability).astype(float)
             if indicators.any():
-                population.append(np.concatenate([indicators, np.full(self.blocks**2, self.unit_scale())]))
+                scales = (self.to_unit(rng.normal(1.0, scale_spread, self.blocks**2)) if scale_spread > 0
+                          else np.full(self.blocks**2, self.unit_scale()))
+                population.append(np.concatenate([indicators, scales]))
         return population
+
+    def used_scales(self, genome: np.ndarray) -> np.ndarray:
+        """The genome coordinates of the scales its path uses (block i then block j uses scales[i][j]), each once."""
+        blocks = np.flatnonzero(np.asarray(genome[: self.slots]) >= 0.5) % self.blocks
+        return self.slots + np.unique(blocks[:-1] * self.blocks + blocks[1:])
+
+    def perturb_used_scales(self, genome: np.ndarray, rng: np.random.Generator, probability: float,
+                            sigma: float) -> np.ndarray:
+        """`genome` with each scale its path uses moved, with `probability`, by N(0, `sigma`) in scale units (kept
+        in the box). Only these scales change the model: a step on any other is invisible to the fitness."""
+        low, high = self.scale_range
+        used = self.used_scales(genome)
+        moved = used[rng.random(len(used)) < probability]
+        mutated = np.array(genome, dtype=float)
+        scales = low + mutated[moved] * (high - low)
+        mutated[moved] = self.to_unit(scales + rng.normal(0.0, sigma, len(moved)))
+        return mutated

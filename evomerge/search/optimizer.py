@@ -15,11 +15,14 @@ from typing import Protocol
 import cma
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2 as _PymooNSGA2
+from pymoo.algorithms.moo.nsga2 import binary_tournament
 from pymoo.core.mixed import MixedVariableDuplicateElimination, MixedVariableMating
 from pymoo.core.population import Population
 from pymoo.core.problem import Problem as _PymooProblem
 from pymoo.core.termination import NoTermination
 from pymoo.core.variable import Binary, Real
+from pymoo.operators.selection.rnd import RandomSelection
+from pymoo.operators.selection.tournament import TournamentSelection
 
 
 class Optimizer(Protocol):
@@ -70,6 +73,7 @@ class CMAES:
         with self._rng.active():
             self._es = cma.CMAEvolutionStrategy(start, sigma0, options)
         self.popsize = self._es.popsize
+        self.parents = int(self._es.sp.weights.mu)  # mu: how many of a generation's best it recombines
 
     def ask(self) -> list[np.ndarray]:
         with self._rng.active():
@@ -83,10 +87,32 @@ class CMAES:
         return bool(self._es.stop())
 
 
+GenomeMutation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+class _MatingWithGenomeMutation(MixedVariableMating):
+    """pymoo's mixed-variable mating (crossover and mutation type by type), then `mutate_child` on each whole
+    child: pymoo's per-type operators see one type at a time, so a mutation whose reals depend on the binaries
+    (which scales a path uses) runs here, drawing from the algorithm's own random stream."""
+
+    def __init__(self, mutate_child: Callable[[dict, np.random.Generator], dict], **kwargs):
+        super().__init__(**kwargs)
+        self._mutate_child = mutate_child
+
+    def _do(self, problem, pop, n_offsprings, random_state=None, **kwargs):
+        offspring = super()._do(problem, pop, n_offsprings, random_state=random_state, **kwargs)
+        for child in offspring:
+            child.X = self._mutate_child(child.X, random_state)
+        return offspring
+
+
 class NSGA2:
     """pymoo's NSGA-II over genomes whose first `n_binary` coordinates are 0/1 and the rest unit-box reals,
     with pymoo's mixed-variable operators (uniform crossover and bit flips on the binaries, SBX and polynomial
-    mutation on the reals). All objectives maximised; `initial` is the first population.
+    mutation on the reals), parents chosen by NSGA-II's binary tournament (constraint, rank, crowding; `tournament`
+    False: at random, as pymoo's mixed-variable mating does by default). `mutate`, if given, then changes each
+    whole child (e.g. the scales its path uses), drawing from the generator it is handed -- the optimizer's own
+    stream. All objectives maximised; `initial` is the first population.
 
     `violation`, if given, is one inequality constraint known from a genome alone (<= 0 feasible, e.g. how many
     blocks a path is over its length limit). It becomes pymoo's `G`, so NSGA-II's survival applies constraint
@@ -94,7 +120,8 @@ class NSGA2:
     computed at `tell` from the told genomes, so replaying a told history rebuilds the same state."""
 
     def __init__(self, n_binary: int, n_real: int, n_objectives: int, *, seed: int, popsize: int,
-                 initial: Sequence[np.ndarray], violation: Callable[[np.ndarray], float] | None = None):
+                 initial: Sequence[np.ndarray], violation: Callable[[np.ndarray], float] | None = None,
+                 mutate: GenomeMutation | None = None, tournament: bool = True):
         if len(initial) != popsize:
             raise ValueError(f"NSGA-II needs an initial population of {popsize}, got {len(initial)}")
         self.dim = n_binary + n_real
@@ -105,10 +132,16 @@ class NSGA2:
         self._problem = _PymooProblem(vars=variables, n_obj=n_objectives, n_ieq_constr=0 if violation is None else 1)
         self._rng = _PrivateNumpyRandom(seed)
         duplicates = MixedVariableDuplicateElimination()
+        selection = TournamentSelection(func_comp=binary_tournament) if tournament else RandomSelection()
+        if mutate is None:
+            mating = MixedVariableMating(selection=selection, eliminate_duplicates=duplicates)
+        else:
+            mating = _MatingWithGenomeMutation(lambda x, rng: self._to_pymoo(mutate(self._from_pymoo(x), rng)),
+                                               selection=selection, eliminate_duplicates=duplicates)
         self._algorithm = _PymooNSGA2(
             pop_size=popsize,
             sampling=Population.new(X=np.array([self._to_pymoo(g) for g in initial], dtype=object)),
-            mating=MixedVariableMating(eliminate_duplicates=duplicates),
+            mating=mating,
             eliminate_duplicates=duplicates,
         )
         with self._rng.active():

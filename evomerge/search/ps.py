@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.eval.evaluator import Evaluator, pool_evaluator
+from evomerge.eval.evaluator import Evaluator, RowScores, pool_evaluator
 from evomerge.eval.significance import paired_comparison, row_values
 from evomerge.eval.task import AnyTask, check_objectives, load_task
 from evomerge.errors import MergeError, SearchError
@@ -26,6 +26,8 @@ from evomerge.recipe import DFSRecipe, PSRecipe
 from evomerge.resources import CONF_DIR
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
+from evomerge.search.racing import Race, RacingSchedule
+from evomerge.search.run import Rows
 
 CONF_MERGE = CONF_DIR / "merge"
 BASELINES = ("ties", "dare_ties", "task_arithmetic")
@@ -92,6 +94,14 @@ class PSProblem(PoolProblem):
         metrics = self.evaluator.evaluate(model, model_key=recipe.hash).metrics
         return metrics, {"merge": round(merged - started, 4), "eval": round(time.perf_counter() - merged, 4)}
 
+    def evaluate_rows(self, recipe: PSRecipe, rows: Rows) -> tuple[dict[str, RowScores], dict[str, float]]:
+        """Each plain task's given rows of the search split, scored (one round of a race)."""
+        started = time.perf_counter()
+        model = self.merger.merge(recipe)
+        merged = time.perf_counter()
+        metrics = self.evaluator.evaluate_rows(model, rows)
+        return metrics, {"merge": round(merged - started, 4), "eval": round(time.perf_counter() - merged, 4)}
+
     def report_row(self, item: ReportItem) -> dict[str, Any]:
         """The item on the test split, from the resident pool (a source is written into the resident model, so
         the report never holds a second copy of a model: at 7B on a GPU, not 14.5 GB beside the pool's ~73)."""
@@ -150,6 +160,12 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
     optimizer = lambda: CMAES(space.dim, seed=cfg.search.seed, sigma0=cfg.search.sigma0,  # noqa: E731
                               popsize=cfg.search.popsize, x0=x0)
     return problem, optimizer
+
+
+def make_race(cfg: DictConfig, problem: PSProblem, schedule: RacingSchedule, parents: int) -> Race:
+    """The race of `fitness=racing` over this problem's search split, its row order seeded by the search's seed."""
+    sizes = {prepared.task.name: len(prepared.prompts) for prepared in problem.evaluator.prepared}
+    return Race(schedule, problem.task, cfg.search.objectives, sizes, seed=int(cfg.search.seed), parents=parents)
 
 
 def _method_defaults(cfg: DictConfig) -> dict[str, float]:

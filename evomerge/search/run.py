@@ -91,6 +91,10 @@ class Problem(Protocol):
 
     def evaluate(self, recipe: Recipe) -> tuple[dict[str, Any], dict[str, float]]: ...  # metrics, seconds
 
+    # A problem that can be raced (fitness=racing) also has
+    #   evaluate_rows(recipe, rows) -> ({plain task: its scored rows}, seconds)
+    # where rows maps each plain task to indices of its search split (evomerge.search.racing).
+
     def load(self) -> None: ...  # what evaluating needs (the pool) into memory now, not on first use
 
     def report_row(self, item: Any) -> dict[str, Any]: ...  # one row of the held-out report
@@ -106,20 +110,33 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> l
 
 @dataclass(frozen=True)
 class Outcome:
-    """One evaluated recipe: its metrics, timings and fitness (the problem's objectives), or the error that ended it."""
+    """One evaluated recipe: its metrics, timings and fitness (the problem's objectives), or the error that ended it.
+    `confirmed`: scored on every row of the search split (a race stops most candidates short of that). A race's
+    round yields `rows` instead of metrics (each plain task's scored rows), and a raced candidate confirmed on
+    every row keeps its `row_outcomes` (for row-by-row comparisons with it later)."""
 
     metrics: dict[str, Any]
     seconds: dict[str, float]
     error: str | None = None
     fitness: tuple[float, ...] = ()
+    confirmed: bool = True
+    rows: Mapping[str, Any] | None = None
+    row_outcomes: dict[str, str] | None = None
 
 
-def evaluate_safely(problem: Problem, recipe: Recipe) -> Outcome:
+Rows = Mapping[str, Sequence[int]]  # per plain task: indices of rows of its search split
+
+
+def evaluate_safely(problem: Problem, recipe: Recipe, rows: Rows | None = None) -> Outcome:
     """A bad candidate must not end a long search: its exception (a merge or evaluation error, NaN/inf weights,
     logits or metrics, running out of memory) becomes a logged error and the candidate scores as failed. A scheduler
     stopping the job is no candidate's error: it goes up (Interrupted, SystemExit and KeyboardInterrupt are not
-    Exceptions; submitit's UncompletedJobError is, see _stops_the_job)."""
+    Exceptions; submitit's UncompletedJobError is, see _stops_the_job). With `rows`, only those rows are scored
+    (`Problem.evaluate_rows`): the outcome holds each plain task's metrics on them, and a race pools them."""
     try:
+        if rows is not None:
+            scored, seconds = problem.evaluate_rows(recipe, rows)
+            return Outcome({}, seconds, rows=scored, confirmed=False)
         metrics, seconds = problem.evaluate(recipe)
         return Outcome(metrics, seconds, fitness=tuple(objective_values(metrics, problem.objectives)))
     except Exception as exc:
@@ -156,9 +173,10 @@ def _free_memory() -> None:
 
 
 class Executor(Protocol):
-    """Evaluates a generation's recipes, yielding outcomes in the order given (serially or on workers)."""
+    """Evaluates a generation's recipes, yielding outcomes in the order given (serially or on workers); with
+    `rows`, each on those rows of the search split only (a race's round)."""
 
-    def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]: ...
+    def map(self, recipes: Sequence[Recipe], rows: Rows | None = None) -> Iterator[Outcome]: ...
 
     def report(self, items: Sequence[Any]) -> list[dict[str, Any]]: ...  # held-out report rows, in order
 
@@ -176,15 +194,22 @@ class SerialExecutor:
     def __init__(self, problem: Problem):
         self.problem = problem
 
-    def map(self, recipes: Sequence[Recipe]) -> Iterator[Outcome]:
+    def map(self, recipes: Sequence[Recipe], rows: Rows | None = None) -> Iterator[Outcome]:
         for recipe in recipes:
-            yield evaluate_safely(self.problem, recipe)
+            yield evaluate_safely(self.problem, recipe, rows)
 
     def report(self, items: Sequence[Any]) -> list[dict[str, Any]]:
         return [self.problem.report_row(item) for item in items]
 
     def close(self) -> None:
         pass
+
+
+class Race(Protocol):
+    """Scores a generation's new recipes on as many rows as decide something (`evomerge.search.racing`)."""
+
+    def run(self, executor: Executor, recipes: Sequence[Recipe], incumbent: Mapping[str, Any] | None = None,
+            others: Sequence[float] = ()) -> list[Outcome]: ...
 
 
 @dataclass(frozen=True)
@@ -331,11 +356,14 @@ def run_search(
     budget: Budget,
     *,
     executor: Executor | None = None,
+    race: Race | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Run (or resume) a search in `run_dir` until the budget is spent or the optimizer stops.
 
-    `executor` evaluates each generation (default: serially in this process); the log is the same either way."""
+    `executor` evaluates each generation (default: serially in this process); the log is the same either way.
+    `race` (fitness=racing) scores each generation's new candidates on as many rows as decide something; without
+    it every candidate is scored on the whole search split."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(settings))  # plain JSON types, as a checkpoint stores them
@@ -352,12 +380,13 @@ def run_search(
     _replay(optimizer, state["history"])
     log = CandidateLog(run_dir / "log.jsonl", state["log_lines"])
     cache = {e["recipe_hash"]: e for e in log.entries if e["error"] is None and not e["cached"]}
-    cache.update({e["recipe_hash"]: e for e in log.pending.values() if e["error"] is None and not e["cached"]})
+    if race is None:  # a race reuses a killed run's lines only as a whole generation (see _generation)
+        cache.update({e["recipe_hash"]: e for e in log.pending.values() if e["error"] is None and not e["cached"]})
 
     executor = executor if executor is not None else SerialExecutor(problem)
     started = time.perf_counter() - state["elapsed_seconds"]
     with _stop_signals(), Progress(budget.generations, state["generation"], progress) as shown:
-        _loop(run_dir, problem, optimizer, budget, executor, state, log, cache, started, shown)
+        _loop(run_dir, problem, optimizer, budget, executor, race, state, log, cache, started, shown)
     if state["best"] is None:
         raise SearchError(f"no candidate of {run_dir} was evaluated successfully; see the errors in log.jsonl")
     return SearchResult(state["best"], state["history"], state["evaluations"], log.entries)
@@ -380,32 +409,41 @@ class Progress:
 
     def update(self, state: Mapping[str, Any]) -> None:
         best = f"{state['best']['fitness'][0]:.3f}" if state["best"] is not None else "none yet"
-        idle = state["history"][-1].get("idle_share") if state["history"] else None
+        told = state["history"][-1] if state["history"] else {}
+        idle, answers = told.get("idle_share"), told.get("answers", 0)
+        rows = f"{answers / len(told['genomes']):.0f}" if told else "0"  # answers generated per candidate
         if not self.bar.disable:
             self.bar.update(1)
-            self.bar.set_postfix(best=best, **({"idle": f"{idle:.0%}"} if idle is not None else {}))
+            self.bar.set_postfix(best=best, rows=rows, **({"idle": f"{idle:.0%}"} if idle is not None else {}))
         elif self.enabled:
             print(f"search: generation {state['generation']}/{self.total}, {state['evaluations']} evaluations, "
-                  f"best {best}, {state['elapsed_seconds']:.0f}s"
+                  f"best {best}, {rows} rows scored per candidate, {state['elapsed_seconds']:.0f}s"
                   + (f", workers idle {idle:.0%} at the barrier" if idle is not None else ""), file=sys.stderr, flush=True)
 
 
 def _loop(run_dir: Path, problem: Problem, optimizer: Optimizer, budget: Budget, executor: Executor,
-          state: dict[str, Any], log: CandidateLog, cache: dict, started: float, shown: Progress) -> None:
-    """Generations until the budget is spent or the optimizer stops, each checkpointed as it ends."""
+          race: Race | None, state: dict[str, Any], log: CandidateLog, cache: dict, started: float,
+          shown: Progress) -> None:
+    """Generations until the budget is spent or the optimizer stops, each checkpointed as it ends. Only a candidate
+    scored on every row (`confirmed`) can become the best."""
     while not budget.spent(state, time.perf_counter() - started) and not optimizer.done():
         genomes = optimizer.ask()
-        fitness = []
-        for entry in _generation(problem, executor, genomes, state, log, cache):
+        fitness, confirmed, answers = [], [], 0
+        for entry in _generation(problem, executor, race, genomes, state, log, cache):
             log.append(entry)
             state["evaluations"] += 1
             fitness.append(entry["fitness"])
-            if entry["error"] is None and (state["best"] is None or entry["fitness"][0] > state["best"]["fitness"][0]):
+            confirmed.append(entry.get("confirmed", True))  # lines from before racing existed: all confirmed
+            answers += entry["metrics"].get("n", 0) if not entry["cached"] else 0
+            if (entry["error"] is None and confirmed[-1]
+                    and (state["best"] is None or entry["fitness"][0] > state["best"]["fitness"][0])):
                 state["best"] = entry
                 problem.decode(np.asarray(entry["genome"])).save(run_dir / "best_recipe.yaml.tmp")
                 os.replace(run_dir / "best_recipe.yaml.tmp", run_dir / "best_recipe.yaml")
         optimizer.tell(genomes, fitness)
-        told = {"genomes": [g.tolist() for g in genomes], "fitness": fitness}
+        told = {"genomes": [g.tolist() for g in genomes], "fitness": fitness, "answers": answers}
+        if race is not None:  # which told fitness values are estimates on part of the split
+            told["confirmed"] = confirmed
         if executor.idle_share is not None:  # parallel workers: their time idle at this generation's barrier
             told["idle_share"] = round(executor.idle_share, 4)
         state["history"].append(told)
@@ -429,19 +467,26 @@ def _replay(optimizer: Optimizer, history: Sequence[Mapping[str, Any]]) -> None:
         optimizer.tell(asked, told["fitness"])
 
 
-def _generation(problem: Problem, executor: Executor, genomes: Sequence[np.ndarray], state: dict,
+def _generation(problem: Problem, executor: Executor, race: Race | None, genomes: Sequence[np.ndarray], state: dict,
                 log: CandidateLog, cache: dict) -> Iterator[dict[str, Any]]:
     """Log entries for one generation, in genome order. Only recipes that are new -- not in a log line a killed
-    run left behind, not cached, not repeated earlier in this generation -- go to the executor."""
+    run left behind, not cached, not repeated earlier in this generation -- go to the executor (or the race).
+
+    A race's outcomes depend on every candidate raced with them, so under racing a killed run's lines are reused
+    only when the whole generation was logged; otherwise the generation is raced again, deterministically, into
+    the same lines."""
     entries, jobs = [], []
     first_seen: dict[str, dict[str, Any]] = {}
-    for offset, genome in enumerate(genomes):
-        recipe = problem.decode(genome)
-        key = recipe.hash  # a DFS recipe's hash serializes its whole path: read it once
-        index = state["evaluations"] + offset
-        pending = log.pending.get(index)
-        if pending is not None and pending["recipe_hash"] == key:
-            entries.append(("pending", pending))
+    recipes = [problem.decode(genome) for genome in genomes]
+    keys = [recipe.hash for recipe in recipes]  # a DFS recipe's hash serializes its whole path: read it once
+    indices = [state["evaluations"] + offset for offset in range(len(genomes))]
+    logged = [log.pending.get(index) is not None and log.pending[index]["recipe_hash"] == key
+              for index, key in zip(indices, keys)]
+    if race is not None and not all(logged):
+        logged = [False] * len(genomes)
+    for genome, recipe, key, index, was_logged in zip(genomes, recipes, keys, indices, logged):
+        if was_logged:
+            entries.append(("pending", log.pending[index]))
             continue
         entry = {"index": index, "generation": state["generation"], "genome": genome.tolist(), "recipe_hash": key}
         if key in cache or key in first_seen:
@@ -450,7 +495,12 @@ def _generation(problem: Problem, executor: Executor, genomes: Sequence[np.ndarr
             first_seen[key] = entry
             entries.append(("new", entry))
             jobs.append(recipe)
-    outcomes = executor.map(jobs)
+    if race is None:
+        outcomes = executor.map(jobs)
+    else:
+        others = [cache[entry["recipe_hash"]]["fitness"][0] for kind, entry in entries
+                  if kind == "repeat" and entry["recipe_hash"] in cache]
+        outcomes = iter(race.run(executor, jobs, state["best"], others))
     for kind, entry in entries:
         if kind == "pending":
             yield entry
@@ -459,14 +509,16 @@ def _generation(problem: Problem, executor: Executor, genomes: Sequence[np.ndarr
             fitness = ([FAILED_FITNESS] * len(problem.objectives) if outcome.error
                        else list(outcome.fitness))
             entry.update(metrics=outcome.metrics, fitness=fitness, seconds=outcome.seconds, cached=False,
-                         error=outcome.error)
+                         error=outcome.error, confirmed=outcome.confirmed and outcome.error is None)
+            if outcome.row_outcomes is not None:
+                entry["row_outcomes"] = outcome.row_outcomes
             if outcome.error is None:
                 cache[entry["recipe_hash"]] = entry
             yield entry
         else:
             hit = cache.get(entry["recipe_hash"]) or first_seen[entry["recipe_hash"]]
             yield {**entry, "metrics": hit["metrics"], "fitness": hit["fitness"], "seconds": {}, "cached": True,
-                   "error": hit["error"]}
+                   "error": hit["error"], "confirmed": hit.get("confirmed", True)}
 
 
 def _check_failures(entries: Sequence[Mapping[str, Any]], minimum: int = 8) -> None:

@@ -20,11 +20,13 @@ from types import SimpleNamespace
 
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 import evomerge.search.run as run_module
 from evomerge.pool import resolve_pool
 from evomerge.resources import CONF_MODULE
-from evomerge.search.ps import make_problem
+from evomerge.search.ps import make_problem, make_race
+from evomerge.search.racing import fitness_schedule
 from evomerge.search.run import Budget, run_search
 
 CHECKPOINT_SECONDS = {"fsync": 0.004, "rename": 0.015}
@@ -82,31 +84,46 @@ class FailOutsideSafeRegion:
         return self.problem.decode(genome)
 
     def evaluate(self, recipe):
-        metrics, seconds = self.problem.evaluate(recipe)
+        return self._checked(recipe, self.problem.evaluate(recipe))
+
+    def evaluate_rows(self, recipe, rows):
+        return self._checked(recipe, self.problem.evaluate_rows(recipe, rows))
+
+    @staticmethod
+    def _checked(recipe, result):
         if first_weight(recipe) > SAFE_LIMIT:
             raise ValueError("candidate outside the safe region")  # logged, scored worst, the search goes on
-        return metrics, seconds
+        return result
 
 
 def first_weight(recipe) -> float:
     return float(recipe.to_dict()["groups"][0]["weight"][0])
 
 
-def search(run_dir: Path, trace_path: Path, generations: int, home: Path, slow: bool = True) -> None:
-    """Run (or resume) the traced search (`slow=False`: no slowed checkpoint writes, for a reference run).
-    Patches `evomerge.search.run` in this process: call it in a forked child, never in the test process."""
+# fitness=racing on the micro zoo's 8-row splits: rounds of 2, 4 and 8 rows per task
+RACING = ["fitness=racing", "fitness.first_rows=2"]
+
+
+def search(run_dir: Path, trace_path: Path, generations: int, home: Path, slow: bool = True,
+           racing: bool = False) -> None:
+    """Run (or resume) the traced search (`slow=False`: no slowed checkpoint writes, for a reference run; `racing`:
+    under fitness=racing). Patches `evomerge.search.run` in this process: call it in a forked child, never in the
+    test process."""
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
         cfg = compose("config", overrides=["command=search", "zoo=micro", f"home={home}", "progress=false",
-                                           f"search.popsize={POPSIZE}"])
+                                           f"search.popsize={POPSIZE}", *(RACING if racing else [])])
     problem, make_optimizer = make_problem(cfg, resolve_pool(cfg))
+    schedule = fitness_schedule(OmegaConf.to_container(cfg.fitness))
+    race = make_race(cfg, problem, schedule, make_optimizer().parents) if schedule is not None else None
     trace = Trace(trace_path)
     problem.merger.merge = traced(trace, "merge", problem.merger.merge)
     problem.evaluator.evaluate = traced(trace, "eval", problem.evaluator.evaluate)
+    problem.evaluator.evaluate_rows = traced(trace, "eval", problem.evaluator.evaluate_rows)
     run_module.save_checkpoint = traced(trace, "checkpoint", run_module.save_checkpoint)
     if slow:
         run_module.os = slow_os()
     trace("idle")
     run_search(run_dir, FailOutsideSafeRegion(problem), make_optimizer, {"problem": "crash"}, Budget(generations),
-               progress=False)
+               race=race, progress=False)
     trace("done")
