@@ -153,7 +153,8 @@ def test_evaluator_metrics_samples_and_split(model, tokenizer, tmp_path):
     task = load_task("toy_ja_math", {"zoo_dir": str(write_toy_zoo(tmp_path))})
     result = Evaluator(task, "search", tokenizer, batch_size=2, progress=False).evaluate(model)
     assert result.split == "search" and result.metrics["split"] == "search" and result.metrics["n"] == 5
-    assert set(result.metrics) == {"score", "acc", "acc_ja", "ja_rate", "n", "split"}
+    assert set(result.metrics) == {"score", "acc", "acc_ja", "ja_rate", "n", "tokens", "split"}
+    assert 0 < result.metrics["tokens"] <= result.metrics["n"] * task.max_new_tokens  # generated, up to each stop
     assert result.metrics["score"] == result.metrics["acc_ja"]
     direct = generate_greedy(model, tokenizer, task_prompts(task, "search"), GenerationSettings(40, ("\n",)), progress=False)
     assert [s["generation"] for s in result.samples] == direct

@@ -226,14 +226,13 @@ class Evaluator:
         return kept[1]
 
     def _generate(self, model: torch.nn.Module, prepared: _PreparedTask) -> tuple[list[str], list[SampleScore], list[int]]:
-        """Each row's generation, its score and how many tokens its answer took (as cut at the stop strings)."""
+        """Each row's generation, its score and how many tokens the model generated for it."""
         generations = generate_encoded(
             model, self.tokenizer, prepared.encoded, prepared.settings, self.progress,
             f"{prepared.task.name}/{self.split}",
         )
         scores = prepared.task.score(generations, [example.answer for example in prepared.data.examples])
-        tokens = [len(ids) for ids in self.tokenizer(generations, add_special_tokens=False)["input_ids"]] if generations else []
-        return generations, scores, tokens
+        return generations, scores, generations.tokens
 
     def _run(self, model: torch.nn.Module, prepared: _PreparedTask) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         generations, scores, tokens = self._generate(model, prepared)

@@ -342,6 +342,12 @@ def prefilled_cache(
     return cache
 
 
+class Generations(list):
+    """Generated texts (a list of str, one per prompt) and `tokens`: how many tokens each row generated."""
+
+    tokens: list[int]
+
+
 @torch.inference_mode()
 def generate_encoded(
     model: torch.nn.Module,
@@ -351,8 +357,9 @@ def generate_encoded(
     progress: bool = True,
     description: str = "generate",
     share_prefix: bool = True,
-) -> list[str]:
-    """Greedy generations for pre-encoded prompts, in the caller's original order, cut at the stop strings.
+) -> Generations:
+    """Greedy generations for pre-encoded prompts, in the caller's original order, cut at the stop strings, with
+    each row's count of generated tokens (`.tokens`: what the row cost, up to where it stopped).
 
     Raises FloatingPointError if a step's logits are not finite. With a shared prefix, the model reads it
     once here (`share_prefix=False` makes every batch read it again: same generations, for testing)."""
@@ -363,7 +370,9 @@ def generate_encoded(
     shared = None
     if share_prefix and encoded.prefix_ids is not None:
         shared = prefix_cache(model, encoded.prefix_ids.to(device))
-    generations: list[str] = [""] * encoded.count
+    generations = Generations([""] * encoded.count)
+    generations.tokens = [0] * encoded.count
+    pad = config.pad_token_id
     with tqdm(total=encoded.count, desc=description, unit="prompt", disable=not progress, leave=False) as bar:
         for group in encoded.groups:
             group = replace(group, input_ids=group.input_ids.to(device), attention_mask=group.attention_mask.to(device))
@@ -380,9 +389,12 @@ def generate_encoded(
                 logits_processor=LogitsProcessorList([RaiseOnNonFiniteLogits()]),
                 **({cache_keyword(model): cache} if cache is not None else {}),
             )
-            texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-            for position, text in zip(group.positions, texts):
+            new = output[:, width:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            counts = (new != pad).sum(dim=1).tolist() if pad is not None else [new.shape[1]] * len(texts)
+            for position, text, count in zip(group.positions, texts, counts):
                 generations[position] = cut_at_stop(text, settings.stop_strings)
+                generations.tokens[position] = count
             bar.update(len(group.positions))
     return generations
 
