@@ -56,7 +56,8 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_per_generation_elsewhere(mon
     monkeypatch.setattr(sys, "stderr", stream)
     state = {"generation": 0, "evaluations": 0, "elapsed_seconds": 0.0, "best": None, "history": []}
     with Progress(3, 0, enabled=True) as shown:
-        for generation, told in ((1, {}), (2, {"idle_share": 0.25})):  # the second on workers, a quarter idle
+        for generation, told in ((1, {"genomes": [[0.5]] * 4, "answers": 40}),  # the second on workers, a quarter idle
+                                 (2, {"genomes": [[0.5]] * 4, "answers": 20, "idle_share": 0.25})):
             state["history"].append(told)
             state.update(generation=generation, evaluations=4 * generation, elapsed_seconds=1.0 * generation,
                          best={"fitness": [0.25 * generation]})
@@ -65,8 +66,8 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_per_generation_elsewhere(mon
     if isinstance(stream, Terminal):
         assert "\r" in text and "search:" in text and "2/3" in text  # tqdm redraws its bar
     else:
-        assert text.splitlines() == ["search: generation 1/3, 4 evaluations, best 0.250, 1s",
-                                     "search: generation 2/3, 8 evaluations, best 0.500, 2s, "
+        assert text.splitlines() == ["search: generation 1/3, 4 evaluations, best 0.250, 10 rows scored per candidate, 1s",
+                                     "search: generation 2/3, 8 evaluations, best 0.500, 5 rows scored per candidate, 2s, "
                                      "workers idle 25% at the barrier"]
 
 
