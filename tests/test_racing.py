@@ -5,10 +5,8 @@ and on the micro zoo through the real evaluator."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +17,12 @@ from evomerge.eval.task import SampleScore, load_task
 from evomerge.search.optimizer import CMAES
 from evomerge.search.racing import Entrant, Race, RacingSchedule, row_order
 from evomerge.search.run import Budget, SerialExecutor, load_checkpoint, run_search
+from tests.helpers.synthetic_search import VectorRecipe
 
 SIZES = {"toy_ja_qa": 200, "toy_en_math": 120}
 SCHEDULE = RacingSchedule(schedule="racing", first_rows=16)
 TASK = load_task("toy_two_skill", {"zoo_dir": "/nonexistent"})  # the task's objects only: no split is read
 PLAIN = {c.task.name: c.task for c in TASK.components}
-
-
-@dataclass(frozen=True)
-class PointRecipe:
-    values: tuple[float, ...]
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(repr(self.values).encode()).hexdigest()[:12]
-
-    def save(self, path) -> Path:
-        Path(path).write_text(f"values: {list(self.values)}\n")
-        return Path(path)
 
 
 class RowProblem:
@@ -50,8 +36,8 @@ class RowProblem:
         self.difficulty = {name: rng.random(size) for name, size in SIZES.items()}
         self.answers = 0  # rows generated, over the problem's life
 
-    def decode(self, genome) -> PointRecipe:
-        return PointRecipe(tuple(round(float(v), 6) for v in genome))
+    def decode(self, genome) -> VectorRecipe:
+        return VectorRecipe(tuple(round(float(v), 6) for v in genome))
 
     def load(self) -> None:
         pass
@@ -59,20 +45,20 @@ class RowProblem:
     def report_row(self, item):
         raise NotImplementedError
 
-    def skill(self, recipe: PointRecipe, name: str) -> float:
+    def skill(self, recipe: VectorRecipe, name: str) -> float:
         x = np.asarray(recipe.values)
         centre = 0.3 if name == "toy_ja_qa" else 0.6
         return float(np.clip(1.0 - 8 * np.mean((x - centre) ** 2), 0, 1))
 
-    def _scored(self, recipe: PointRecipe, name: str, rows) -> RowScores:
+    def _scored(self, recipe: VectorRecipe, name: str, rows) -> RowScores:
         self.answers += len(rows)
         right = self.difficulty[name][np.asarray(rows)] < self.skill(recipe, name)
         return RowScores(tuple(SampleScore(None, bool(r), 1.0) for r in right), (3,) * len(rows))
 
-    def evaluate_rows(self, recipe: PointRecipe, rows):
+    def evaluate_rows(self, recipe: VectorRecipe, rows):
         return {name: self._scored(recipe, name, indices) for name, indices in rows.items()}, {"merge": 0.0, "eval": 0.0}
 
-    def evaluate(self, recipe: PointRecipe):
+    def evaluate(self, recipe: VectorRecipe):
         full = {name: PLAIN[name].metrics(self._scored(recipe, name, range(size)).scores, "search", 3 * size)
                 for name, size in SIZES.items()}
         return TASK.combine(full, "search"), {"merge": 0.0, "eval": 0.0}
@@ -93,7 +79,7 @@ def test_rounds_grow_to_the_whole_split_and_cover_each_row_once():
     assert not np.array_equal(order, row_order("toy_ja_qa", 200, 1))  # another search seed, another order
 
 
-def entrant(problem: RowProblem, recipe: PointRecipe, racer: Race, rows: int) -> Entrant:
+def entrant(problem: RowProblem, recipe: VectorRecipe, racer: Race, rows: int) -> Entrant:
     scored, _ = problem.evaluate_rows(recipe, {name: racer.order[name][:rows].tolist() for name in SIZES})
     return Entrant({name: list(r.scores) for name, r in scored.items()}, {name: list(r.tokens) for name, r in scored.items()})
 
@@ -135,9 +121,9 @@ def test_row_by_row_differences_decide_sooner_than_separate_accuracies():
     assert high - low < 0.6 * sum(high_x - low_x for _, low_x, high_x in separate)
 
 
-def generation(seed: int = 1, size: int = 10) -> list[PointRecipe]:
+def generation(seed: int = 1, size: int = 10) -> list[VectorRecipe]:
     rng = np.random.default_rng(seed)
-    return [PointRecipe(tuple(np.round(rng.random(3), 6))) for _ in range(size)]
+    return [VectorRecipe(tuple(np.round(rng.random(3), 6))) for _ in range(size)]
 
 
 def test_a_race_stops_hopeless_candidates_early_and_scores_the_leader_on_every_row():
