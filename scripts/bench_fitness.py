@@ -4,15 +4,16 @@ zoo with a search split large enough for subsets to matter.
 The zoo's own generators make `--rows` new search questions per task (default 500), disjoint from the zoo's search
 and test splits, from the experts' fine-tuning pairs and from every pretraining document; they are written into a
 view of the zoo (its models linked, its test split kept) so every schedule searches the same rows and reports on the
-zoo's test split. Each seed runs each schedule once (the default PS search: CMA-ES over task-arithmetic weights,
-popsize 10), and the best recipe of each run is scored on test.
+zoo's test split. Each seed runs each schedule once (full; racing on random rows; racing on informative rows), with
+the default PS search (CMA-ES over task-arithmetic weights, popsize 10), and the best recipe of each run is scored on
+test.
 
 Printed per schedule, summed or averaged over the seeds, and as ratios against `full` measured in this same run:
 answers generated (rows scored, every round of every candidate), tokens generated, search wall time, the best's
 search fitness; and per seed the best's test score with its Wilson 95% interval, and each racing best minus the
 full best on the same test rows (paired bootstrap 95% interval, McNemar's exact p).
 
-    flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_fitness.py              # 3 seeds, ~40 min
+    flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/bench_fitness.py              # 3 seeds, ~45 min
     .venv/bin/python scripts/bench_fitness.py --seeds 0 --generations 2 --rows 100         # a quick look
     .venv/bin/python scripts/bench_fitness.py --racing indifference=0.1 --racing indifference=0  # other races
 """
@@ -82,7 +83,7 @@ def one_search(cfg, pool: Pool, run_dir: Path) -> dict:
     """One search under cfg.fitness: its cost, its best recipe and that recipe's per-row outcomes on test."""
     problem, make_optimizer = ps.make_problem(cfg, pool)
     problem.load()
-    problem.evaluator.prepared  # noqa: B018 -- prompts encoded before the clock starts, as in any run
+    _ = problem.evaluator  # its prompts encoded before the clock starts, as in any run
     schedule = fitness_schedule(OmegaConf.to_container(cfg.fitness))
     race = None if schedule is None else ps.make_race(cfg, problem, schedule, make_optimizer().parents)
     started = time.perf_counter()
@@ -113,12 +114,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=500, help="search questions per task")
     parser.add_argument("--racing", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="a racing schedule to compare (fitness.<key> overrides; repeat for several); "
-                             "default: the packaged fitness=racing")
+                             "default: the packaged fitness=racing, and with rows=informative")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. zoo=micro home=/tmp/h)")
     args = parser.parse_args()
     schedules = {"full": ["fitness=full"]}
-    for spec in args.racing or [""]:
+    for spec in args.racing or ["", "rows=informative"]:
         overrides = [f"fitness.{pair}" for pair in spec.split(",") if pair]
         schedules["racing" + (f" ({spec})" if spec else "")] = ["fitness=racing", *overrides]
     base = [f"search.generations={args.generations}", f"search.popsize={args.popsize}", *args.overrides]

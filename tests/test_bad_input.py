@@ -209,6 +209,8 @@ ROWS = [
         "fitness=racing cannot race on objective 'tokens'"),
     Row("racing rounds that do not grow", (*tiny_pool("{a}", "{b}"), "fitness=racing", "fitness.growth=1.0"),
         "fitness.growth=1.0: Input should be greater than 1"),
+    Row("racing rows drawn by an unknown rule", (*tiny_pool("{a}", "{b}"), "fitness=racing", "fitness.rows=smart"),
+        "fitness.rows='smart': Input should be 'random' or 'informative'"),
     Row("unknown fitness schedule", (*tiny_pool("{a}", "{b}"), "fitness.schedule=sometimes"),
         "fitness.schedule='sometimes': use fitness=full or fitness=racing"),
     Row("unknown metric", (*tiny_pool("{a}", "{b}"), "search.objectives=[accuracy]"),

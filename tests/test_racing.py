@@ -121,6 +121,55 @@ def test_row_by_row_differences_decide_sooner_than_separate_accuracies():
     assert high - low < 0.6 * sum(high_x - low_x for _, low_x, high_x in separate)
 
 
+def stratified(outcomes: np.ndarray, layout) -> float:
+    """By hand: the mean of each stratum's rows read, weighted by the stratum's share of the split."""
+    labels = layout.stratum[layout.order[:len(outcomes)]]
+    return sum(np.mean(outcomes[labels == h]) * np.mean(layout.stratum == h) for h in np.unique(layout.stratum))
+
+
+def test_informative_rows_read_contested_rows_first_with_stratified_estimates_and_intervals():
+    problem, racer = RowProblem(), race(rows="informative")
+    recipes = generation()
+    first = racer.run(SerialExecutor(problem), recipes)  # nothing learnt yet: the seeded order, one stratum
+    assert all(np.array_equal(racer.order[name], row_order(name, size, 0)) for name, size in SIZES.items())
+    older = [{"generation": 0, "row_outcomes": {key: "01" * (len(marks) // 2) for key, marks in o.row_outcomes.items()}}
+             for o in first]  # an older generation: not what the next one resembles, so not learnt from
+    racer.learn([*older, *({"generation": 1, "row_outcomes": outcome.row_outcomes} for outcome in first)])
+    layout = racer.layouts["toy_ja_qa"]
+    marks = np.array([list(outcome.row_outcomes["toy_ja_qa/acc_ja"]) for outcome in first])
+    seen, right = (marks != "-").sum(0), (marks == "1").sum(0)
+    contested = (seen >= 2) & (right > 0) & (right < seen)
+    assert sorted(layout.order) == list(range(200)) and len(np.unique(layout.stratum)) >= 2
+    assert np.unique(layout.stratum[contested]).size == 1  # the contested rows are one stratum, and only they
+    assert not np.any(layout.stratum[~contested] == layout.stratum[contested][0])
+    settled, head = (seen >= 2) & ~contested, np.isin(np.arange(200), layout.order[:48])
+    assert head[contested].mean() > 2 * head[settled].mean()  # contested rows are read first, settled ones last
+
+    mine, theirs = generation(seed=5, size=2)
+    a, b = entrant(problem, mine, racer, 40), entrant(problem, theirs, racer, 40)
+    by_hand = {name: stratified(np.array([s.correct for s in a.scores[name]]), racer.layouts[name]) for name in SIZES}
+    assert racer.estimate(a) == pytest.approx(np.mean(list(by_hand.values())))
+    estimate, low, high = racer.difference(a, b)
+    centre = half = 0.0
+    for name, size in SIZES.items():
+        layout = racer.layouts[name]
+        x, y = (np.array([s.correct for s in e.scores[name]]) for e in (a, b))
+        labels, variance = layout.stratum[layout.order[:40]], 0.0
+        for h in np.unique(layout.stratum):
+            share, stratum_size, n = np.mean(layout.stratum == h), np.sum(layout.stratum == h), np.sum(labels == h)
+            n12, n21 = np.sum(x[labels == h] & ~y[labels == h]) + 0.5, np.sum(~x[labels == h] & y[labels == h]) + 0.5
+            d = (n12 - n21) / (n + 2)
+            centre += share * d / 2
+            variance += share ** 2 * ((n12 + n21) / (n + 2) - d ** 2) / (n + 2) * (stratum_size - n) / (stratum_size - 1)
+        half += 1.959964 * np.sqrt(variance) / 2
+    assert estimate == pytest.approx(racer.estimate(a) - racer.estimate(b))
+    assert (low, high) == pytest.approx((centre - half, centre + half), abs=1e-5)
+    whole_a, whole_b = entrant(problem, mine, racer, 200), entrant(problem, theirs, racer, 200)
+    exact = problem.evaluate(mine)[0]["score"] - problem.evaluate(theirs)[0]["score"]
+    assert racer.estimate(whole_a) == pytest.approx(problem.evaluate(mine)[0]["score"])
+    assert racer.difference(whole_a, whole_b) == pytest.approx((exact, exact, exact))
+
+
 def generation(seed: int = 1, size: int = 10) -> list[VectorRecipe]:
     rng = np.random.default_rng(seed)
     return [VectorRecipe(tuple(np.round(rng.random(3), 6))) for _ in range(size)]
@@ -181,10 +230,11 @@ def test_a_failing_candidate_is_logged_failed_and_the_race_goes_on():
     assert any(o.confirmed for o in outcomes)  # with the leader out, the next best is raced to the end
 
 
-def raced_search(run_dir: Path, generations: int, problem: RowProblem | None = None, racing: bool = True):
+def raced_search(run_dir: Path, generations: int, problem: RowProblem | None = None, racing: bool = True,
+                 rows: str = "random"):
     problem = problem or RowProblem()
     return run_search(run_dir, problem, lambda: CMAES(3, seed=2, popsize=8), {"problem": "rows"}, Budget(generations),
-                      race=race(parents=4) if racing else None, progress=False)
+                      race=race(parents=4, rows=rows) if racing else None, progress=False)
 
 
 def log(run_dir: Path) -> list[dict]:
@@ -192,10 +242,11 @@ def log(run_dir: Path) -> list[dict]:
             for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_a_raced_search_is_deterministic_costs_fewer_rows_and_its_best_is_confirmed(tmp_path):
+@pytest.mark.parametrize("rows", ["random", "informative"])
+def test_a_raced_search_is_deterministic_costs_fewer_rows_and_its_best_is_confirmed(tmp_path, rows):
     raced, full = RowProblem(), RowProblem()
-    result = raced_search(tmp_path / "a", 8, raced)
-    raced_search(tmp_path / "b", 8)
+    result = raced_search(tmp_path / "a", 8, raced, rows=rows)
+    raced_search(tmp_path / "b", 8, rows=rows)
     reference = raced_search(tmp_path / "full", 8, full, racing=False)
     assert log(tmp_path / "a") == log(tmp_path / "b")
     history = load_checkpoint(tmp_path / "a")["history"]
@@ -207,27 +258,29 @@ def test_a_raced_search_is_deterministic_costs_fewer_rows_and_its_best_is_confir
     assert all(e["fitness"][0] <= result.best["fitness"][0] for e in result.entries if e["confirmed"])
     assert [len(told["confirmed"]) for told in history] == [8] * 8
     assert raced.answers < 0.75 * full.answers
-    confirmed = [e for e in result.entries if e["confirmed"] and not e["cached"]]
-    assert all(set(e["row_outcomes"]) == {"toy_ja_qa/acc_ja", "toy_en_math/acc"} for e in confirmed)
+    fresh = [e for e in result.entries if not e["cached"]]
+    assert all(set(e["row_outcomes"]) == {"toy_ja_qa/acc_ja", "toy_en_math/acc"} for e in fresh)
+    assert all(("-" in e["row_outcomes"]["toy_ja_qa/acc_ja"]) != e["confirmed"] for e in fresh)
     assert all(e["confirmed"] for e in reference.entries) and "confirmed" not in load_checkpoint(tmp_path / "full")[
         "history"][0]
 
 
-def test_a_raced_search_resumed_after_a_kill_mid_generation_gives_the_uninterrupted_run(tmp_path):
-    raced_search(tmp_path / "whole", 6)
-    raced_search(tmp_path / "cut", 3)
+@pytest.mark.parametrize("rows", ["random", "informative"])
+def test_a_raced_search_resumed_after_a_kill_mid_generation_gives_the_uninterrupted_run(tmp_path, rows):
+    raced_search(tmp_path / "whole", 6, rows=rows)
+    raced_search(tmp_path / "cut", 3, rows=rows)
     whole = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
     # a kill in generation 4: three of its lines (and half a fourth) were logged after the last checkpoint
     with open(tmp_path / "cut" / "log.jsonl", "a") as handle:
         handle.write("\n".join(whole[24:27]) + "\n" + whole[27][:40])
     partial = shutil.copytree(tmp_path / "cut", tmp_path / "partial")
-    raced_search(partial, 6)
+    raced_search(partial, 6, rows=rows)
     assert log(partial) == log(tmp_path / "whole")
     # killed after the whole generation was logged, before its checkpoint: its lines are reused as they are
     complete = shutil.copytree(tmp_path / "cut", tmp_path / "complete", dirs_exist_ok=False)
     (complete / "log.jsonl").write_text("\n".join(whole[:32]) + "\n")
     problem = RowProblem()
-    raced_search(complete, 6, problem)
+    raced_search(complete, 6, problem, rows=rows)
     assert log(complete) == log(tmp_path / "whole")
     assert problem.answers == sum(t["answers"] for t in load_checkpoint(tmp_path / "whole")["history"][4:])
 

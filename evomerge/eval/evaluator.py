@@ -29,7 +29,7 @@ from evomerge.eval.generate import (
     encode_prompts,
     generate_encoded,
 )
-from evomerge.eval.task import AnyTask, CompositeTask, SampleScore, SplitData, Task
+from evomerge.eval.task import AnyTask, CompositeTask, SampleScore, SplitData, Task, plain_tasks
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,6 @@ class Evaluator:
         self.cache = cache if cache is not None else ResultCache()
         self.progress = progress
         self._subsets: dict[str, tuple[tuple[int, ...], _PreparedTask]] = {}  # the last slice asked of each task
-        plain_tasks = [c.task for c in task.components] if isinstance(task, CompositeTask) else [task]
-        plain_tasks = list({plain.name: plain for plain in plain_tasks}.values())  # a task scored twice runs once
         self.prepared = [
             self._prepare(
                 plain,
@@ -146,7 +144,7 @@ class Evaluator:
                     max_decode_padding=max_decode_padding,
                 ),
             )
-            for plain in plain_tasks
+            for plain in plain_tasks(task)  # a task scored twice runs once
         ]
 
     def _prepare(self, task: Task, settings: GenerationSettings) -> _PreparedTask:

@@ -16,18 +16,17 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from evomerge.eval.task import AnyTask, CompositeTask
+from evomerge.eval.task import OUTCOMES, AnyTask, CompositeTask
 
-SAMPLE_FIELDS = {"acc": "correct", "acc_ja": "correct_ja"}  # metric -> the per-row outcome that averages to it
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
 
 
 def _field(metric: str) -> str:
-    if metric not in SAMPLE_FIELDS:
+    if metric not in OUTCOMES:
         raise ValueError(f"no per-row outcome averages to metric {metric!r}; paired statistics cover "
-                         f"{sorted(SAMPLE_FIELDS)} and the score built from them")
-    return SAMPLE_FIELDS[metric]
+                         f"{sorted(OUTCOMES)} and the score built from them")
+    return OUTCOMES[metric]
 
 
 def row_values(task: AnyTask, samples: Sequence[Mapping[str, Any]], objective: str) -> tuple[list[float], list[bool]]:

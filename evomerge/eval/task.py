@@ -369,6 +369,12 @@ class CompositeTask:
 AnyTask = Task | CompositeTask
 
 
+def plain_tasks(task: AnyTask) -> list[Task]:
+    """The plain tasks `task` is scored on, each once (a composite may name one task with two metrics)."""
+    tasks = [component.task for component in task.components] if isinstance(task, CompositeTask) else [task]
+    return list({plain.name: plain for plain in tasks}.values())
+
+
 def metric_names(task: AnyTask) -> list[str]:
     """The numeric metrics an evaluation of `task` yields (what a search may name as an objective)."""
     names = [*SAMPLE_METRICS, "n", "tokens", "score"]

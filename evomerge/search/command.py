@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.errors import PoolError, TaskError
 from evomerge.eval.evaluator import generation_options
 from evomerge.eval.generate import GenerationSettings
-from evomerge.eval.task import AnyTask, CompositeTask, Task, check_objectives, load_task
+from evomerge.eval.task import AnyTask, check_objectives, load_task, plain_tasks
 from evomerge.merge.stream import merge_to_disk
 from evomerge.pool import Pool, check_placement, config_variables, early_variables, resolve_pool
 from evomerge.recipe import PSRecipe
@@ -112,11 +112,6 @@ def search_stages(cfg: DictConfig) -> list[tuple[DictConfig, ModuleType, int]]:
     if cfg.search.kind == "dfs":
         return [(cfg, dfs, n_models)]
     return [(stage_config(cfg, cfg.search.ps), ps, n_models), (stage_config(cfg, cfg.search.dfs), dfs, n_models + 1)]
-
-
-def plain_tasks(task: AnyTask) -> list[Task]:
-    tasks = [component.task for component in task.components] if isinstance(task, CompositeTask) else [task]
-    return list({plain.name: plain for plain in tasks}.values())
 
 
 def generation_record(cfg: DictConfig, task: AnyTask) -> dict[str, dict[str, Any]]:

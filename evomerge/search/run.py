@@ -112,8 +112,8 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> l
 class Outcome:
     """One evaluated recipe: its metrics, timings and fitness (the problem's objectives), or the error that ended it.
     `confirmed`: scored on every row of the search split (a race stops most candidates short of that). A race's
-    round yields `rows` instead of metrics (each plain task's scored rows), and a raced candidate confirmed on
-    every row keeps its `row_outcomes` (for row-by-row comparisons with it later)."""
+    round yields `rows` instead of metrics (each plain task's scored rows), and a raced candidate keeps its
+    `row_outcomes` (for row-by-row comparisons with it, and for learning which rows separate candidates)."""
 
     metrics: dict[str, Any]
     seconds: dict[str, float]
@@ -209,7 +209,7 @@ class Race(Protocol):
     """Scores a generation's new recipes on as many rows as decide something (`evomerge.search.racing`)."""
 
     def run(self, executor: Executor, recipes: Sequence[Recipe], incumbent: Mapping[str, Any] | None = None,
-            others: Sequence[float] = ()) -> list[Outcome]: ...
+            others: Sequence[float] = (), history: Sequence[Mapping[str, Any]] = ()) -> list[Outcome]: ...
 
 
 @dataclass(frozen=True)
@@ -500,7 +500,7 @@ def _generation(problem: Problem, executor: Executor, race: Race | None, genomes
     else:
         others = [cache[entry["recipe_hash"]]["fitness"][0] for kind, entry in entries
                   if kind == "repeat" and entry["recipe_hash"] in cache]
-        outcomes = iter(race.run(executor, jobs, state["best"], others))
+        outcomes = iter(race.run(executor, jobs, state["best"], others, log.entries))
     for kind, entry in entries:
         if kind == "pending":
             yield entry
