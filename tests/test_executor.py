@@ -228,8 +228,8 @@ def test_with_ray_workers_the_driver_never_loads_the_pool(local_cluster, micro_z
                                            "search.popsize=2", "search.generations=1", "executor=ray",
                                            "executor.workers=2"])
     pool = resolve_pool(cfg)
-    with stage(cfg, pool, ps) as (problem, make_optimizer, executor):
-        result = search(cfg, pool, tmp_path, problem, make_optimizer, executor)
+    with stage(cfg, pool, ps, tmp_path) as (problem, make_optimizer, executor, tracker):
+        result = search(cfg, pool, tmp_path, problem, make_optimizer, executor, tracker)
         rows = executor.report(ps.report_items(pool, problem.decode(np.asarray(result.best["genome"]))))
     assert problem._merger is None  # never loaded in this process
     assert [row["kind"] for row in rows] == ["source"] * 3 + ["baseline"] * 3 + ["best"]

@@ -10,7 +10,8 @@ splits, the objectives as its metrics, the generation settings), then the task's
 before the pool (everything but a zoo still to be built) -- and only then is the pool fetched, built or loaded.
 `config.yaml` and `report.json` record what was resolved at the start: every generation setting of each task
 (task.max_new_tokens null = the task's own), the task variables and the file or hub dataset each split was
-read from.
+read from. With `tracker=wandb` or `tracker=tensorboard` each stage's progress, the recipe it reports and its
+held-out report go to that tracker too (`evomerge.search.tracker`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import PoolError, TaskError
@@ -42,10 +44,12 @@ from evomerge.search.run import (
     Executor,
     SearchError,
     SearchResult,
+    Tracker,
     load_checkpoint,
     run_search,
     write_json_atomic,
 )
+from evomerge.search.tracker import open_tracker, tracker_settings
 
 BUDGET_KEYS = ("generations", "max_seconds", "max_evaluations")  # may change on resume: a search can be extended
 KINDS = ("ps", "dfs", "ps_dfs")
@@ -160,6 +164,7 @@ def preflight(cfg: DictConfig) -> dict:
                           "needs fitness=full")
     check_placement(cfg.device, cfg.dtype)
     executor_settings(cfg)
+    tracker_settings(OmegaConf.to_container(cfg.tracker, resolve=True))
     models = [str(model) for model in OmegaConf.select(cfg, "pool.models") or []]
     if not models:
         raise PoolError("the pool has no models; set pool.models=[...]")
@@ -189,38 +194,52 @@ def stage_config(cfg: DictConfig, search: DictConfig) -> DictConfig:
                              "search": OmegaConf.to_container(search, resolve=True)})
 
 
+def sweep_directory() -> str | None:
+    """A multirun's sweep directory (its jobs' tracker runs are grouped under it); None for a single run, or a
+    stage run from Python."""
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    return str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+
+
 @contextlib.contextmanager
-def stage(cfg: DictConfig, pool: Pool, module: ModuleType) -> Iterator[tuple[Any, Callable[[], Any], Executor]]:
-    """`module`'s problem, its optimizer factory and the executor its candidates and held-out rows run on (with
-    executor=ray the problem here never loads the pool: the workers do)."""
+def stage(cfg: DictConfig, pool: Pool, module: ModuleType,
+          run_dir: Path) -> Iterator[tuple[Any, Callable[[], Any], Executor, Tracker]]:
+    """`module`'s problem, its optimizer factory, the executor its candidates and held-out rows run on (with
+    executor=ray the problem here never loads the pool: the workers do) and the tracker of its run directory."""
     problem, make_optimizer = module.make_problem(cfg, pool)
     executor = make_executor(cfg, problem, functools.partial(module.make_problem, cfg, pool))
-    try:
-        yield problem, make_optimizer, executor
-    finally:
-        executor.close()
+    with contextlib.closing(executor):
+        settings = tracker_settings(OmegaConf.to_container(cfg.tracker, resolve=True))
+        config = OmegaConf.to_container(cfg, resolve=True)
+        with contextlib.closing(open_tracker(settings, run_dir, config, sweep_directory())) as tracker:
+            yield problem, make_optimizer, executor, tracker
 
 
 def search(cfg: DictConfig, pool: Pool, run_dir: Path, problem: Any, make_optimizer: Callable[[], Any],
-           executor: Executor) -> SearchResult:
-    """Run (or resume) the stage's search in `run_dir` (raced under fitness=racing) and plot its progress."""
+           executor: Executor, tracker: Tracker) -> SearchResult:
+    """Run (or resume) the stage's search in `run_dir` (raced under fitness=racing), tracked, and plot its
+    progress."""
     if load_checkpoint(run_dir) is not None:
         print(f"resuming the search in {run_dir}")
     budget = Budget(int(cfg.search.generations), cfg.search.max_seconds, cfg.search.max_evaluations)
     schedule = racing.fitness_schedule(OmegaConf.to_container(cfg.fitness, resolve=True))
     race = None if schedule is None else ps.make_race(cfg, problem, schedule, make_optimizer().parents)
     result = run_search(run_dir, problem, make_optimizer, search_settings(cfg, pool), budget,
-                        executor=executor, race=race, progress=cfg.progress)
+                        executor=executor, race=race, tracker=tracker, progress=cfg.progress)
     plot_fitness(result.history, run_dir / "fitness.png", cfg.search.objectives[0])
     return result
 
 
 def ps_stage(cfg: DictConfig, pool: Pool, run_dir: Path) -> dict[str, Any]:
     """The PS search, then its winner, the sources and the uniform baselines on test."""
-    with stage(cfg, pool, ps) as (problem, make_optimizer, executor):
-        result = search(cfg, pool, run_dir, problem, make_optimizer, executor)
+    with stage(cfg, pool, ps, run_dir) as (problem, make_optimizer, executor, tracker):
+        result = search(cfg, pool, run_dir, problem, make_optimizer, executor, tracker)
         best = problem.decode(np.asarray(result.best["genome"]))
         rows = executor.report(ps.report_items(pool, best))
+        tracker.artifact(run_dir / "best_recipe.yaml")
+        tracker.table(rows)
     return {"split": "test", "objective": cfg.search.objectives[0], "task": problem.task.name, "rows": rows,
             "search": {"kind": "ps", "evaluations": result.evaluations, "generations": len(result.history),
                        "best_search_fitness": result.best["fitness"][0], "best_recipe": "best_recipe.yaml"}}
@@ -229,8 +248,8 @@ def ps_stage(cfg: DictConfig, pool: Pool, run_dir: Path) -> dict[str, Any]:
 def dfs_stage(cfg: DictConfig, pool: Pool, run_dir: Path, kind: str, name: str) -> dict[str, Any]:
     """The DFS search, its Pareto front (JSON + PNG) and the chosen path beside the pool's models on test."""
     objective = cfg.search.objectives[0]
-    with stage(cfg, pool, dfs) as (problem, make_optimizer, executor):
-        result = search(cfg, pool, run_dir, problem, make_optimizer, executor)
+    with stage(cfg, pool, dfs, run_dir) as (problem, make_optimizer, executor, tracker):
+        result = search(cfg, pool, run_dir, problem, make_optimizer, executor, tracker)
         front = dfs.pareto_front(result.entries, cfg.search.max_path_length)
         chosen_entry = dfs.choose(front, cfg.search.max_path_length)
         chosen = problem.decode(np.asarray(chosen_entry["genome"]))
@@ -238,6 +257,8 @@ def dfs_stage(cfg: DictConfig, pool: Pool, run_dir: Path, kind: str, name: str) 
         write_json_atomic(run_dir / "pareto.json", dfs.front_summary(front, cfg.search.objectives))
         plot_pareto(result.entries, front, chosen_entry, run_dir / "pareto.png", objective)
         rows = executor.report(dfs.report_items(pool, chosen, kind, name))
+        tracker.artifact(run_dir / "chosen_recipe.yaml")
+        tracker.table(rows)
     return {
         "split": "test", "objective": objective, "task": problem.task.name, "rows": rows,
         "search": {"kind": kind, "evaluations": result.evaluations, "generations": len(result.history),

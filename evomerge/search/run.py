@@ -5,7 +5,9 @@ A run directory holds:
 - `checkpoint.json`: written atomically after every generation (temp file, fsync, rename; the previous one kept as
   `checkpoint.prev.json`), with a checksum. It holds the settings, counters, elapsed time, the best candidate and
   the told history -- every generation's genomes and fitness -- from which the optimizer is rebuilt by replay;
-- `best_recipe.yaml`, kept current.
+- `best_recipe.yaml`, kept current;
+- `tracker.json` with `tracker=wandb` or `tracker=tensorboard`: the tracker run that shows the search's progress
+  (`evomerge.search.tracker`), continued on resume.
 Each generation's new recipes go to an executor (serial here, or Ray workers) that yields outcomes in order, so
 the log does not depend on where candidates ran. Resuming after a kill at any moment: the optimizer is replayed from the checkpoint, log lines written after it
 (a generation cut short) are taken back and reused verbatim when the replayed generation asks for the same
@@ -205,6 +207,66 @@ class SerialExecutor:
         pass
 
 
+class Tracker(Protocol):
+    """Shows a search's progress as it runs (`evomerge.search.tracker`: Weights & Biases or TensorBoard)."""
+
+    @property
+    def logged(self) -> int: ...  # generations logged so far: a resumed run logs those after them, each once
+
+    def generation(self, step: int, metrics: Mapping[str, float]) -> None: ...  # `generation_metrics` of one
+
+    def artifact(self, path: Path) -> None: ...  # the recipe a stage reports (best_recipe.yaml, chosen_recipe.yaml)
+
+    def table(self, rows: Sequence[Mapping[str, Any]]) -> None: ...  # the held-out report's rows
+
+    def close(self) -> None: ...
+
+
+class NoTracker:
+    """tracker=none: progress goes to log.jsonl and the terminal only."""
+
+    logged = 0
+
+    def generation(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def artifact(self, path: Path) -> None:
+        pass
+
+    def table(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def rows_scored(entries: Sequence[Mapping[str, Any]]) -> int:
+    """Answers generated for these log entries (a cached repeat generates none)."""
+    return sum(entry["metrics"].get("n", 0) for entry in entries if not entry["cached"])
+
+
+def generation_metrics(entries: Sequence[Mapping[str, Any]], generation: int) -> dict[str, float]:
+    """What a tracker shows of one generation, read from the log alone (so a resumed run can log the generations
+    a kill left unlogged): the best fitness so far (of candidates scored on every row, as the run's best is); the
+    generation's best, mean and standard deviation of the fitness told to the optimizer (failed candidates left
+    out, and counted); candidates evaluated so far; rows scored; and the seconds of each part of evaluating its
+    candidates, summed (`merge`, and `eval`: generating and scoring answers)."""
+    done = [entry for entry in entries if entry["generation"] <= generation]
+    this = [entry for entry in done if entry["generation"] == generation]
+    confirmed = [entry["fitness"][0] for entry in done if entry["error"] is None and entry.get("confirmed", True)]
+    scored = [entry["fitness"][0] for entry in this if entry["error"] is None]
+    metrics = {"evaluations": len(done), "failed": len(this) - len(scored), "rows_scored": rows_scored(this)}
+    if confirmed:
+        metrics["fitness/best_so_far"] = max(confirmed)
+    if scored:
+        metrics.update({"fitness/generation_best": max(scored), "fitness/generation_mean": float(np.mean(scored)),
+                        "fitness/generation_std": float(np.std(scored))})
+    for entry in this:
+        for part, seconds in entry["seconds"].items():
+            metrics[f"seconds/{part}"] = metrics.get(f"seconds/{part}", 0.0) + seconds
+    return metrics
+
+
 class Race(Protocol):
     """Scores a generation's new recipes on as many rows as decide something (`evomerge.search.racing`)."""
 
@@ -357,13 +419,15 @@ def run_search(
     *,
     executor: Executor | None = None,
     race: Race | None = None,
+    tracker: Tracker | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Run (or resume) a search in `run_dir` until the budget is spent or the optimizer stops.
 
     `executor` evaluates each generation (default: serially in this process); the log is the same either way.
     `race` (fitness=racing) scores each generation's new candidates on as many rows as decide something; without
-    it every candidate is scored on the whole search split."""
+    it every candidate is scored on the whole search split. `tracker` shows each generation as it ends (default:
+    nowhere); on resume it first logs any generation the checkpoint holds that it has not logged yet."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(settings))  # plain JSON types, as a checkpoint stores them
@@ -384,9 +448,12 @@ def run_search(
         cache.update({e["recipe_hash"]: e for e in log.pending.values() if e["error"] is None and not e["cached"]})
 
     executor = executor if executor is not None else SerialExecutor(problem)
+    tracker = tracker if tracker is not None else NoTracker()
+    for generation in range(tracker.logged, state["generation"]):
+        tracker.generation(generation, generation_metrics(log.entries, generation))
     started = time.perf_counter() - state["elapsed_seconds"]
     with _stop_signals(), Progress(budget.generations, state["generation"], progress) as shown:
-        _loop(run_dir, problem, optimizer, budget, executor, race, state, log, cache, started, shown)
+        _loop(run_dir, problem, optimizer, budget, executor, race, state, log, cache, started, shown, tracker)
     if state["best"] is None:
         raise SearchError(f"no candidate of {run_dir} was evaluated successfully; see the errors in log.jsonl")
     return SearchResult(state["best"], state["history"], state["evaluations"], log.entries)
@@ -423,25 +490,25 @@ class Progress:
 
 def _loop(run_dir: Path, problem: Problem, optimizer: Optimizer, budget: Budget, executor: Executor,
           race: Race | None, state: dict[str, Any], log: CandidateLog, cache: dict, started: float,
-          shown: Progress) -> None:
-    """Generations until the budget is spent or the optimizer stops, each checkpointed as it ends. Only a candidate
-    scored on every row (`confirmed`) can become the best."""
+          shown: Progress, tracker: Tracker) -> None:
+    """Generations until the budget is spent or the optimizer stops, each checkpointed as it ends, then tracked.
+    Only a candidate scored on every row (`confirmed`) can become the best."""
     while not budget.spent(state, time.perf_counter() - started) and not optimizer.done():
         genomes = optimizer.ask()
-        fitness, confirmed, answers = [], [], 0
+        fitness, confirmed = [], []
         for entry in _generation(problem, executor, race, genomes, state, log, cache):
             log.append(entry)
             state["evaluations"] += 1
             fitness.append(entry["fitness"])
             confirmed.append(entry.get("confirmed", True))  # lines from before racing existed: all confirmed
-            answers += entry["metrics"].get("n", 0) if not entry["cached"] else 0
             if (entry["error"] is None and confirmed[-1]
                     and (state["best"] is None or entry["fitness"][0] > state["best"]["fitness"][0])):
                 state["best"] = entry
                 problem.decode(np.asarray(entry["genome"])).save(run_dir / "best_recipe.yaml.tmp")
                 os.replace(run_dir / "best_recipe.yaml.tmp", run_dir / "best_recipe.yaml")
         optimizer.tell(genomes, fitness)
-        told = {"genomes": [g.tolist() for g in genomes], "fitness": fitness, "answers": answers}
+        told = {"genomes": [g.tolist() for g in genomes], "fitness": fitness,
+                "answers": rows_scored(log.entries[-len(genomes):])}
         if race is not None:  # which told fitness values are estimates on part of the split
             told["confirmed"] = confirmed
         if executor.idle_share is not None:  # parallel workers: their time idle at this generation's barrier
@@ -452,6 +519,7 @@ def _loop(run_dir: Path, problem: Problem, optimizer: Optimizer, budget: Budget,
         state["elapsed_seconds"] = time.perf_counter() - started
         _check_failures(log.entries)
         save_checkpoint(run_dir, state)
+        tracker.generation(state["generation"] - 1, generation_metrics(log.entries, state["generation"] - 1))
         shown.update(state)
 
 
