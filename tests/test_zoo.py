@@ -55,6 +55,39 @@ def test_unknown_zoo_setting_is_named():
         ZooSpec.from_dict({"hidden_sise": 3})
 
 
+def test_whole_model_experts_hash_as_before_block_ranges_existed():
+    values = yaml.safe_load((CONF / "micro.yaml").read_text())
+    spec = ZooSpec.from_dict(values)
+    assert all("layers" not in expert for expert in spec.to_dict()["experts"].values())
+    explicit = {**values, "experts": {name: {**e, "layers": None} for name, e in values["experts"].items()}}
+    assert ZooSpec.from_dict(explicit).hash == spec.hash
+    ja_expert = {**values["experts"]["ja_expert"], "layers": [0, 1]}
+    ranged = {**values, "experts": {**values["experts"], "ja_expert": ja_expert}}
+    assert ZooSpec.from_dict(ranged).hash != spec.hash
+
+
+@pytest.mark.parametrize("layers", [[0, 3], [1, 1], [-1, 1]])
+def test_expert_block_range_outside_the_model_is_named(layers):
+    values = yaml.safe_load((CONF / "micro.yaml").read_text())
+    values["experts"]["math_expert"]["layers"] = layers
+    with pytest.raises(ValueError, match=r"zoo expert math_expert: layers \[.*\) is not a block range of a 2-layer"):
+        ZooSpec.from_dict(values)
+
+
+def test_experts_with_block_ranges_change_only_their_blocks(tmp_path):
+    """The DFS zoo's experts (conf/zoo/dfs.yaml) fine-tune one block range each: every other tensor -- the other
+    blocks, embeddings, final norm, head -- stays the base's to the bit, and the range's own blocks move."""
+    values = yaml.safe_load((CONF / "micro.yaml").read_text())
+    values["experts"]["ja_expert"]["layers"] = [0, 1]
+    values["experts"]["math_expert"]["layers"] = [1, 2]
+    path = build_zoo(ZooSpec.from_dict(values), tmp_path)
+    base = load_model(path / "base").state_dict()
+    for name, block in (("ja_expert", "model.layers.0."), ("math_expert", "model.layers.1.")):
+        expert = load_model(path / name).state_dict()
+        moved = {key for key, value in expert.items() if not value.equal(base[key])}
+        assert moved == {key for key in base if key.startswith(block)}, name
+
+
 def test_micro_zoo_builds_loads_and_is_cached(tmp_path):
     spec = micro_spec()
     path = build_zoo(spec, tmp_path)

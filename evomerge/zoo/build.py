@@ -48,6 +48,9 @@ class ExpertSpec:
     task: str  # the task whose training pairs the expert is fine-tuned on
     steps: int
     lr: float
+    # [start, stop): the only decoder blocks fine-tuned (embeddings, norms and head stay the base's), so the skill
+    # sits at that depth -- what gives layer paths room (conf/zoo/dfs.yaml); None: the whole model
+    layers: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ class ZooSpec:
     def from_dict(cls, values: dict) -> ZooSpec:
         values = dict(values)
         if "experts" in values:
-            values["experts"] = {name: ExpertSpec(**spec) for name, spec in values["experts"].items()}
+            values["experts"] = {name: _expert(name, spec, values.get("num_layers", cls.num_layers))
+                                 for name, spec in values["experts"].items()}
         if "probe_weights" in values:
             values["probe_weights"] = tuple(tuple(w) for w in values["probe_weights"])
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
@@ -93,11 +97,25 @@ class ZooSpec:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return {"spec_version": SPEC_VERSION, **dataclasses.asdict(self)}
+        values = dataclasses.asdict(self)
+        for expert in values["experts"].values():  # whole-model experts keep the hash they had before block ranges
+            if expert["layers"] is None:
+                del expert["layers"]
+        return {"spec_version": SPEC_VERSION, **values}
 
     @property
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _expert(name: str, values: dict, num_layers: int) -> ExpertSpec:
+    values = dict(values)
+    if values.get("layers") is not None:
+        start, stop = values["layers"] = tuple(values["layers"])
+        if not 0 <= start < stop <= num_layers:
+            raise ValueError(f"zoo expert {name}: layers [{start}, {stop}) is not a block range of a "
+                             f"{num_layers}-layer model (0 <= start < stop <= {num_layers})")
+    return ExpertSpec(**values)
 
 
 def zoo_dir(spec: ZooSpec, home: str | Path) -> Path:
@@ -242,6 +260,9 @@ def _train_experts(spec: ZooSpec, work: Path) -> None:
         examples = corpus.training_examples(expert.task, spec.seed, spec.expert_examples, held_out)
         pairs = [(task.build_prompt(e.question), e.completion) for e in examples]
         model = load_model(work / "base")
+        if expert.layers is not None:
+            model.requires_grad_(False)
+            model.model.layers[slice(*expert.layers)].requires_grad_(True)
         losses = finetune(
             model, tokenizer, pairs, steps=expert.steps, batch_size=spec.batch_size,
             lr=expert.lr, seed=spec.seed, desc=f"zoo: {name}",

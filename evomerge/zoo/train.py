@@ -12,7 +12,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 
 def _optimizer(model: PreTrainedModel, lr: float, steps: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    """AdamW over the parameters that train (frozen ones keep the base's values exactly, weight decay included)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
 
 
