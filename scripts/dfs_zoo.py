@@ -10,7 +10,7 @@ exact p):
   also task arithmetic at weights 1, 1);
 - DFS's chosen path, the PS winner, PS+DFS's chosen path.
 
-    flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/dfs_zoo.py --out /tmp/dfs_zoo   # ~35 min on 2 cores
+    flock /tmp/evomerge-heavy.lock .venv/bin/python scripts/dfs_zoo.py --out /tmp/dfs_zoo   # ~32 min on 2 cores, + the zoo build
     .venv/bin/python scripts/dfs_zoo.py --out /tmp/quick search.generations=2                  # a quick look
 
 A search whose run directory under --out already has its report is not run again.
@@ -95,14 +95,14 @@ def main() -> None:
     zoo = OmegaConf.to_container(cfg.zoo, resolve=True)
     recipes = {"composition": composition(pool, zoo, int(cfg.search.repeats)),
                "DFS": DFSRecipe.load(args.out / "dfs" / "chosen_recipe.yaml")}
-    ps_dfs_recipe = DFSRecipe.load(args.out / "ps_dfs" / "chosen_recipe.yaml")
+    ps_dfs_recipe = DFSRecipe.load(args.out / "ps_dfs" / "dfs" / "chosen_recipe.yaml")
     rows = {name: scored(problem, load_model(path), name) for name, path in zip(pool.names, pool.models)}
     rows.update({name: scored(problem, problem.model(recipe), recipe.hash) for name, recipe in recipes.items()})
     rows["PS"] = scored(problem, load_model(merged), "ps_winner")
     rows["PS+DFS"] = scored(ps_dfs_problem, ps_dfs_problem.model(ps_dfs_recipe), ps_dfs_recipe.hash)
     paths = {name: describe(recipe, list(pool.names)) for name, recipe in recipes.items()}
     paths["PS+DFS"] = describe(ps_dfs_recipe, list(ps_dfs_pool.names))
-    components = [k for k in rows["DFS"]["metrics"] if "/" in k]
+    components = [k for k in rows["DFS"]["metrics"] if k.endswith("/score")]
     print(f"\n{problem.task.name} on the test split ({len(rows['DFS']['outcomes'])} rows):")
     print(f"  {'model':<14}{'score':>8}" + "".join(f"{k:>22}" for k in components))
     for name, row in rows.items():
