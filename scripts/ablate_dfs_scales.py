@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from evomerge.cli import main as evomerge
 from evomerge.eval.significance import paired_comparison, row_values

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from evomerge.eval import Evaluator, GenerationSettings, ResultCache, encode_prompts, generate_greedy, load_task
-from evomerge.eval.evaluator import generation_options, pool_evaluator
+from evomerge.eval.configured import pool_evaluator
+from evomerge.eval.evaluator import generation_options
 from evomerge.eval.generate import StopOnStrings, cut_at_stop
 from evomerge.modelio import load_model
 

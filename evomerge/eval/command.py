@@ -1,10 +1,10 @@
 """`evomerge eval model=<dir> task=<name> split=test out=<file.json>`: score one model on one task split.
 
 The JSON report holds the metrics and every sample (prompt, generation, extracted answer, gold, Japanese
-probability). Keys read from the config: model, task (the `task` group entry or a bare name), split,
-out, batch_size / max_padding / max_decode_padding / max_batch_tokens / max_new_tokens (also inside the
-task entry), dtype, device, cache (a JSON result-cache file), progress, and task variables: zoo_dir
-(else derived from `zoo` + `home`), mgsm_dir.
+probability); for `task=lm_eval`, lm-eval's per-row answers and metrics. Keys read from the config: model,
+task (the `task` group entry or a bare name), split, out, batch_size / max_padding / max_decode_padding /
+max_batch_tokens / max_new_tokens (also inside the task entry), dtype, device, cache (a JSON result-cache
+file), progress, and task variables: zoo_dir (else derived from `zoo` + `home`), mgsm_dir.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import TaskError
-from evomerge.eval.evaluator import Evaluator, ResultCache, generation_options
-from evomerge.eval.task import CONFIG_VARIABLES, load_task
+from evomerge.eval.configured import configured_task, task_evaluator
+from evomerge.eval.evaluator import ResultCache, generation_options
+from evomerge.eval.task import CONFIG_VARIABLES
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.pool import check_placement
@@ -35,9 +36,9 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
         raise TaskError("evomerge eval needs one of model=<model directory or hub id> or recipe=<recipe.yaml>")
     dtype, device = cfg.get("dtype") or "float32", cfg.get("device") or "cpu"
     check_placement(device, dtype)  # a device this machine lacks: one line, before any model is read
-    task_name, task_options = _task_entry(cfg)
+    entry = _task_entry(cfg)
     split = cfg.get("split") or "test"
-    task = load_task(task_name, _task_variables(cfg))
+    task = configured_task(entry, _task_variables(cfg))
 
     if recipe_path is not None:  # merged in memory, never written to disk
         recipe = load_recipe(recipe_path)
@@ -51,11 +52,11 @@ def eval_command(cfg: DictConfig) -> dict[str, Any]:
     else:
         model = load_model(model_path, dtype, device)
     tokenizer = load_tokenizer(model_path)
-    evaluator = Evaluator(
+    evaluator = task_evaluator(
         task,
         split,
         tokenizer,
-        **generation_options(cfg, task_options),  # a top-level override wins over the task entry's value
+        generation_options(cfg, entry),  # a top-level override wins over the task entry's value
         cache=ResultCache(cfg.get("cache")) if cfg.get("cache") else None,
         progress=bool(cfg.get("progress", True)),
     )
@@ -82,17 +83,17 @@ def model_key(model_path: str | Path) -> str:
     return f"dir:{path.resolve()}:{hashlib.sha256(signature.encode()).hexdigest()[:12]}"
 
 
-def _task_entry(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+def _task_entry(cfg: DictConfig) -> dict[str, Any]:
     """`task` is either the Hydra group entry (a mapping with `name` and per-run options) or a bare name."""
     entry = cfg.get("task")
     if entry is None:
         raise TaskError("evomerge eval needs task=<name>")
     if isinstance(entry, str):
-        return entry, {}
+        return {"name": entry}
     options = OmegaConf.to_container(entry, resolve=True)
     if "name" not in options:
         raise TaskError(f"the task config {options} has no 'name'")
-    return options.pop("name"), options
+    return options
 
 
 def _task_variables(cfg: DictConfig) -> dict[str, str]:

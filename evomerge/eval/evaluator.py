@@ -265,11 +265,3 @@ def generation_options(*sources: Mapping[str, Any]) -> dict[str, Any]:
             options[name] = values[0]
     return options
 
-
-def pool_evaluator(task: AnyTask, task_settings: Mapping[str, Any], tokenizer_source: str, split: str) -> Evaluator:
-    """The evaluator a search builds with its `task` config group's settings: the search split keeps metrics only
-    (a long search scores thousands of candidates), other splits keep every sample for the report."""
-    from evomerge.modelio import load_tokenizer
-
-    return Evaluator(task, split, load_tokenizer(tokenizer_source), **generation_options(task_settings),
-                     cache=ResultCache(keep_samples=False) if split == "search" else None, progress=False)

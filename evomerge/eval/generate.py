@@ -127,7 +127,7 @@ def common_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _runs(lengths: Sequence[int], max_padding: float, batch_size: int, max_tokens: int | None, extra: int) -> list[int]:
+def length_runs(lengths: Sequence[int], max_padding: float, batch_size: int, max_tokens: int | None, extra: int) -> list[int]:
     """Sizes of consecutive runs of `lengths` (sorted longest first): a run grows while it has at most
     `batch_size` rows, padding is at most `max_padding` of its tokens, and (if set) rows x (extra + width)
     stays within `max_tokens`."""
@@ -157,7 +157,7 @@ def encode_prompts(
     max_decode_padding: float = DEFAULT_MAX_DECODE_PADDING,
 ) -> EncodedPrompts:
     """Tokenize once, sort by length (longest first, so memory problems show at once), then cut the rows
-    into decode groups and each group into prompt batches (see `_runs`).
+    into decode groups and each group into prompt batches (see `length_runs`).
 
     A group has at most `batch_size` rows, padding at most `max_decode_padding` of its prompt slots and
     (if set) rows x width within `max_batch_tokens`; its prompt batches have padding at most
@@ -176,9 +176,9 @@ def encode_prompts(
     order = sorted(range(len(token_ids)), key=lambda index: -len(token_ids[index]))
     suffix_lengths = [len(token_ids[index]) for index in order]
     groups, start = [], 0
-    for group_rows in _runs([shared + n for n in suffix_lengths], max_decode_padding, batch_size, max_batch_tokens, 0):
+    for group_rows in length_runs([shared + n for n in suffix_lengths], max_decode_padding, batch_size, max_batch_tokens, 0):
         positions = order[start : start + group_rows]
-        sizes = _runs(suffix_lengths[start : start + group_rows], max_padding, batch_size, max_batch_tokens, shared)
+        sizes = length_runs(suffix_lengths[start : start + group_rows], max_padding, batch_size, max_batch_tokens, shared)
         batches = tuple(
             PromptBatch(slice(first, last), shared + suffix_lengths[start + first])
             for first, last in pairwise([0, *accumulate(sizes)])

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from evomerge.eval.harness import HarnessTask
 from evomerge.eval.task import OUTCOMES, AnyTask, CompositeTask
 
 CONFIDENCE = 0.95
@@ -29,8 +30,11 @@ def _field(metric: str) -> str:
     return OUTCOMES[metric]
 
 
-def row_values(task: AnyTask, samples: Sequence[Mapping[str, Any]], objective: str) -> tuple[list[float], list[bool]]:
+def row_values(task: AnyTask | HarnessTask, samples: Sequence[Mapping[str, Any]],
+               objective: str) -> tuple[list[float], list[bool]]:
     """Per test row: its value in `objective` (they average to the objective) and its 0/1 outcome."""
+    if isinstance(task, HarnessTask):  # lm-eval's per-row metrics
+        return task.row_values(samples, objective)
     if isinstance(task, CompositeTask):
         if "/" in objective:  # one component's metric: that component's rows
             name, metric = objective.split("/", 1)

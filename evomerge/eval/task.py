@@ -308,6 +308,10 @@ class Task:
             scores.append(SampleScore(extracted, correct, probability))
         return scores
 
+    def metric_names(self) -> list[str]:
+        """The numeric metrics an evaluation yields (what a search may name as an objective)."""
+        return [*SAMPLE_METRICS, "n", "tokens", "score"]
+
     def metrics(self, scores: Sequence[SampleScore], split: str, tokens: int | None = None) -> dict[str, Any]:
         """acc, acc_ja, ja_rate, n, the split, and `score` = the primary metric (the search fitness); `tokens`
         (the answers' generated tokens, what an evaluation cost) where the caller counted them."""
@@ -347,6 +351,11 @@ class CompositeTask:
     def objective_names(self) -> list[str]:
         return [f"{c.task.name}/{c.metric}" for c in self.components]
 
+    def metric_names(self) -> list[str]:
+        """The pooled metrics, then each component's as `<task>/<metric>` (what a search may name as an objective)."""
+        own = [*SAMPLE_METRICS, "n", "tokens", "score"]
+        return own + [f"{c.task.name}/{key}" for c in self.components for key in own]
+
     def combine(self, component_metrics: Mapping[str, Mapping[str, Any]], split: str) -> dict[str, Any]:
         """`score` = mean of the component metrics; acc/acc_ja/ja_rate pooled over all samples; n = total."""
         total = sum(m["n"] for m in component_metrics.values())
@@ -375,17 +384,9 @@ def plain_tasks(task: AnyTask) -> list[Task]:
     return list({plain.name: plain for plain in tasks}.values())
 
 
-def metric_names(task: AnyTask) -> list[str]:
-    """The numeric metrics an evaluation of `task` yields (what a search may name as an objective)."""
-    names = [*SAMPLE_METRICS, "n", "tokens", "score"]
-    if isinstance(task, CompositeTask):
-        names += [f"{c.task.name}/{key}" for c in task.components for key in (*SAMPLE_METRICS, "n", "tokens", "score")]
-    return names
-
-
 def check_objectives(objectives: Sequence[str], task: AnyTask, extra: Sequence[str] = ()) -> None:
     """Refuse objectives (a leading '-' minimises) that name no metric of the task, before any candidate runs."""
-    known = metric_names(task) + list(extra)
+    known = task.metric_names() + list(extra)
     for objective in objectives:
         if str(objective).removeprefix("-") not in known:
             raise TaskError(f"unknown metric {objective!r} in search.objectives: task {task.name!r} yields {known}")

@@ -30,9 +30,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from evomerge.errors import PoolError, TaskError
+from evomerge.eval.configured import configured_task
 from evomerge.eval.evaluator import generation_options
 from evomerge.eval.generate import GenerationSettings
-from evomerge.eval.task import AnyTask, check_objectives, load_task, plain_tasks
+from evomerge.eval.harness import HarnessTask
+from evomerge.eval.task import AnyTask, check_objectives, plain_tasks
 from evomerge.merge.stream import merge_to_disk
 from evomerge.pool import Pool, check_placement, config_variables, early_variables, resolve_pool
 from evomerge.recipe import PSRecipe
@@ -136,14 +138,19 @@ def check_task(cfg: DictConfig, variables: dict[str, str], read: dict[str, dict[
     """The task for every stage: it has a search and a test split, each stage's objectives are its metrics, its
     generation settings are valid; then each split's data is read where its variables are known (a zoo still to be
     built has not written its data yet), unless `read` already names its source. Returns what a run records."""
-    task = load_task(cfg.task.name, variables)
+    task = configured_task(OmegaConf.to_container(cfg.task, resolve=True), variables)
+    for stage_cfg, module, _ in search_stages(cfg):
+        check_objectives(stage_cfg.search.objectives, task, extra=dfs.PATH_METRICS if module is dfs else ())
+    if isinstance(task, HarnessTask):  # lm-eval reads the data as it loads the tasks; the cut is seeded
+        record = task.record()
+        return {"generation": {name: entry["generation_kwargs"] for name, entry in record.items()},
+                "task_variables": dict(variables), "lm_eval": record,
+                "data_sources": {split: {name: entry["data"] for name, entry in record.items()} for split in SPLITS}}
     for plain in plain_tasks(task):
         missing = [split for split in SPLITS if split not in plain.splits]
         if missing:
             raise TaskError(f"task {plain.name!r} has no split {missing[0]!r}, which a search needs (it searches on "
                             f"'search' and reports on 'test'); its splits are {sorted(plain.splits)} ({plain.config_path})")
-    for stage_cfg, module, _ in search_stages(cfg):
-        check_objectives(stage_cfg.search.objectives, task, extra=dfs.PATH_METRICS if module is dfs else ())
     record = {"generation": generation_record(cfg, task), "task_variables": dict(variables),
               "data_sources": {split: {} for split in SPLITS}}
     for split in SPLITS:
@@ -175,7 +182,8 @@ def preflight(cfg: DictConfig) -> dict:
             dfs.check_settings(stage_cfg.search, n_models)
     record = check_task(cfg, early_variables(cfg))
     if raced:
-        racing.components(load_task(cfg.task.name, early_variables(cfg)), cfg.search.objectives[0])
+        racing.components(configured_task(OmegaConf.to_container(cfg.task, resolve=True), early_variables(cfg)),
+                          cfg.search.objectives[0])
     return record
 
 

@@ -22,12 +22,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
 from evomerge.errors import MergeError, SearchError
-from evomerge.eval.task import AnyTask, check_objectives, load_task
+from evomerge.eval.configured import configured_task
+from evomerge.eval.task import AnyTask, check_objectives
 from evomerge.modelio import load_model, read_config
 from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
@@ -143,7 +144,7 @@ def make_problem(cfg: DictConfig, pool: Pool) -> tuple[DFSProblem, Any]:
     loaded on first use, and its optimizer."""
     search = cfg.search
     check_settings(search, len(pool.models))
-    task = load_task(cfg.task.name, pool.variables)
+    task = configured_task(OmegaConf.to_container(cfg.task, resolve=True), pool.variables)
     check_objectives(search.objectives, task, extra=PATH_METRICS)
     space = genome_space(cfg, pool.models)
     return DFSProblem(cfg, pool, space, task), optimizer_factory(search, space)

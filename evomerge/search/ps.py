@@ -12,9 +12,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.eval.evaluator import Evaluator, RowScores, pool_evaluator
+from evomerge.eval.configured import configured_task, pool_evaluator
+from evomerge.eval.evaluator import Evaluator, RowScores
 from evomerge.eval.significance import paired_comparison, row_values
-from evomerge.eval.task import AnyTask, check_objectives, load_task
+from evomerge.eval.task import AnyTask, check_objectives
 from evomerge.errors import MergeError, SearchError
 from evomerge.merge.groups import count_blocks, group_names
 from evomerge.merge.memory import InMemoryMerger
@@ -147,7 +148,7 @@ def check_settings(cfg: DictConfig, base: str, models: Sequence[str]) -> None:
 
 def make_problem(cfg: DictConfig, pool: Pool) -> tuple[PSProblem, Any]:
     """The problem and its optimizer; the checks that need no model first, the pool itself only on first use."""
-    task = load_task(cfg.task.name, pool.variables)
+    task = configured_task(OmegaConf.to_container(cfg.task, resolve=True), pool.variables)
     check_objectives(cfg.search.objectives, task)
     check_settings(cfg, pool.base, pool.models)
     inputs = open_inputs(pool.base, pool.models)  # headers only: the models fit together, and their tensor names

@@ -114,6 +114,9 @@ class Component:
 def components(task: AnyTask, objective: str) -> tuple[Component, ...]:
     """The fitness as a weighted sum of per-row 0/1 rates, or a one-line error for an objective that is not one
     (a race needs rates it can bound: `n`, `tokens` and rates pooled over a composite's rows are not)."""
+    if not isinstance(task, (Task, CompositeTask)):
+        raise SearchError(f"fitness=racing races on evomerge's own tasks; task {task.name!r} is scored by lm-eval, "
+                          "whose metrics come per evaluation: use fitness=full")
     sign, name = (-1.0, objective[1:]) if objective.startswith("-") else (1.0, objective)
 
     def rate(plain: Task, metric: str) -> str:
