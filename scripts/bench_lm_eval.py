@@ -53,31 +53,37 @@ def main() -> None:
         spec = ZooSpec.from_dict(yaml.safe_load((CONF_DIR / "zoo" / "full.yaml").read_text()))
         args.model = str(build_zoo(spec, home) / "math_expert")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    task = HarnessTask(HarnessSettings.load({"name": "lm_eval", "tasks": ["toy_arith", "toy_qa_choice"],
-                                             "include_path": str(TASKS_DIR)}))
-    evaluator = HarnessEvaluator(task, "test", tokenizer, progress=False)
+    results = {"model": args.model, "threads": torch.get_num_threads(), "repeats": args.repeats, "tasks": {}}
+    for names in (["toy_arith"], ["toy_qa_choice"], ["toy_arith", "toy_qa_choice"]):
+        results["tasks"]["+".join(names)] = compare(model, tokenizer, names, args)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    print(f"{args.model}, {results['threads']} threads, best of {args.repeats}; the test cut of each task (60 rows)")
+    print("tasks                   rows  evomerge first / after (s)  " +
+          "  ".join(f"HF batch {size} (s, x evomerge)" for size in (1, args.hf_batch_size)) + "  same metrics")
+    for name, entry in results["tasks"].items():
+        hf = "  ".join(f"{entry['hf'][size]['s']:>8.2f} {entry['hf'][size]['ratio']:>6.2f}x        "
+                       for size in (1, args.hf_batch_size))
+        same = all(entry["hf"][size]["same_metrics"] for size in entry["hf"])
+        print(f"{name:<22} {entry['rows']:>5}  {entry['evomerge_first_s']:>10.2f} / {entry['evomerge_s']:<10.2f}  {hf}{same}")
 
+
+def compare(model, tokenizer, names: list[str], args: argparse.Namespace) -> dict:
+    """evomerge's evaluation of the tasks' test cut against the HF backend's at batch sizes 1 and --hf-batch-size."""
+    task = HarnessTask(HarnessSettings.load({"name": "lm_eval", "tasks": names, "include_path": str(TASKS_DIR)}))
+    evaluator = HarnessEvaluator(task, "test", tokenizer, progress=False)
     first, ours = seconds(lambda: evaluator.evaluate(model), 1)  # encodes the prompts
     warm, ours = seconds(lambda: evaluator.evaluate(model), args.repeats)
-    results = {"model": args.model, "threads": torch.get_num_threads(), "rows": ours.metrics["n"],
-               "evomerge_first_s": round(first, 3), "evomerge_s": round(warm, 3), "hf": {}}
+    entry = {"rows": ours.metrics["n"], "evomerge_first_s": round(first, 3), "evomerge_s": round(warm, 3), "hf": {}}
     for batch_size in (1, args.hf_batch_size):
         hf = HFLM(pretrained=model, tokenizer=load_tokenizer(args.model), batch_size=batch_size)
         took, theirs = seconds(lambda: evaluate(hf, task.loaded, samples=evaluator.indices, bootstrap_iters=0),
                                args.repeats)
         same = all(ours.metrics[f"{name}/{metric}"] == float(theirs["results"][name][f"{metric},{objective.filter}"])
                    for name, objective in task.objectives.items() for metric in task.tasks[name].aggregation())
-        results["hf"][batch_size] = {"s": round(took, 3), "ratio": round(took / warm, 2), "same_metrics": same}
-    if args.json:
-        print(json.dumps(results, indent=1))
-        return
-    print(f"{results['rows']} rows (toy_arith generate_until + toy_qa_choice multiple_choice), {args.model}, "
-          f"{results['threads']} threads, best of {args.repeats}")
-    print(f"evomerge: {first:.2f} s first (encodes the prompts), {warm:.2f} s after; score {ours.metrics['score']:.3f}")
-    for batch_size, entry in results["hf"].items():
-        print(f"lm-eval HF backend, batch_size={batch_size}: {entry['s']:.2f} s = {entry['ratio']:.2f}x evomerge's; "
-              f"same metrics: {entry['same_metrics']}")
-
+        entry["hf"][batch_size] = {"s": round(took, 3), "ratio": round(took / warm, 2), "same_metrics": same}
+    return entry
 
 if __name__ == "__main__":
     main()

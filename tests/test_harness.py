@@ -15,7 +15,7 @@ from lm_eval.tasks import TaskManager
 
 from evomerge.cli import main
 from evomerge.errors import TaskError
-from evomerge.eval.harness import HarnessEvaluator, HarnessSettings, HarnessTask
+from evomerge.eval.harness import HarnessEvaluator, HarnessLM, HarnessSettings, HarnessTask
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.resources import CONF_DIR
 from evomerge.zoo.build import ZooSpec, build_zoo, zoo_dir
@@ -68,6 +68,28 @@ def assert_scores_match_lm_eval(model_dir: Path, split: str) -> dict:
 def test_scores_match_lm_eval_simple_evaluate_on_the_micro_zoo(micro_zoo_home):
     metrics = assert_scores_match_lm_eval(micro_zoo(micro_zoo_home) / "math_expert", "test")
     assert metrics["n"] == 120 and metrics["tokens"] > 0
+
+
+def test_shared_contexts_score_what_whole_rows_score(micro_zoo_home):
+    """The two scorers on the same requests: contexts read once with a KV cache for the choices (the usual path)
+    and whole rows (for rows lm-eval cuts, and models without a KV cache)."""
+    model_dir = micro_zoo(micro_zoo_home) / "ja_expert"
+    lm = HarnessLM(load_tokenizer(model_dir), {"batch_size": 8, "max_padding": 0.1}, progress=False)
+    lm.model = load_model(model_dir)
+    rows = [json.loads(line) for line in (TASKS_DIR / "toy_qa_choice.jsonl").read_text().splitlines()[:12]]
+    requests = [(None, *lm._encode_pair(f"質問：{row['question']}\n答え：", choice))
+                for row in rows for choice in row["choices"]]
+    requests.append((None, [lm.prefix_token_id], lm.tok_encode("答え", add_special_tokens=False)))  # empty context
+    requests.append((None, requests[0][1], requests[0][2][:1]))  # a one-token continuation: no second forward
+    contexts, continuations = [r[1] for r in requests], [r[2] for r in requests]
+    assert len({len(c) for c in continuations}) > 1 and min(len(c) for c in continuations) == 1
+    shared, whole = [(0.0, False)] * len(requests), [(0.0, False)] * len(requests)
+    lm._score_shared(lm.model, range(len(requests)), contexts, continuations, shared)
+    lm._score_whole(lm.model, range(len(requests)), contexts, continuations, whole)
+    lone = len(requests) - 1
+    lm._score_shared(lm.model, [lone], contexts, continuations, shared)  # a batch of one-token continuations only
+    for (value, greedy), (other, other_greedy) in zip(shared, whole):
+        assert value == pytest.approx(other, abs=1e-4) and greedy == other_greedy
 
 
 def test_search_and_test_docs_are_a_seeded_cut_that_never_overlaps():

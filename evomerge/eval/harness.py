@@ -6,8 +6,9 @@ exemplars, filters and metrics exactly as `lm_eval.simple_evaluate` does, and `H
 
 - `generate_until` with evomerge's batched, prefix-sharing greedy generator (`generate.py`), prompts encoded once
   per search and reused for every candidate;
-- `loglikelihood` with a batched scorer: length-sorted rows, right-padded, one forward pass per batch and no
-  generation, the logits kept only from the first continuation token on. Tokenization, truncation and the
+- `loglikelihood` with a batched scorer and no generation: requests that share a context (a multiple-choice
+  question's choices) read it once, one forward over a batch of distinct contexts whose KV cache, repeated per
+  request, lets a second forward read every continuation's other tokens. Tokenization, truncation and the
   log-softmax dtype follow lm-eval's HF backend, so the numbers are its numbers (tests/test_harness.py).
 
 Search and test rows: each task's evaluation docs (its test split, or validation where it has no test split) are
@@ -17,10 +18,11 @@ order, e.g. exact_match under gsm8k's strict-match) unless `metrics` names anoth
 metrics that lm-eval aggregates as a mean over rows qualify, so that per-row values add up to the fitness (the
 held-out report's paired statistics need them).
 
-Memory at 7B (bf16, vocab 32k): a log-likelihood batch holds its logits from the first continuation token on,
-rows x kept positions x 32,000 x 2 bytes, plus lm-eval's log-softmax of the same size: 64 rows of 4-choice
-questions with 16 continuation positions take 2 x 65 MB. `batch_size` and `max_batch_tokens` bound it; the
-forward's activations are those of one prompt batch of generation. The pool itself is untouched.
+Memory at 7B (Mistral-7B in bf16: 32 layers x 8 KV heads x 128 x 2 (keys, values) x 2 bytes = 131 kB of KV cache
+per token): a log-likelihood batch of 16 distinct 1,000-token contexts holds 2.1 GB of cache, then that cache once
+per request (64 rows for 4 choices: 8.4 GB, what lm-eval's HF backend also holds for 64 whole rows), plus logits of
+requests x continuation tokens x 32,000 x 2 bytes and their log-softmax. `task.batch_size` and `max_batch_tokens`
+bound it, as they bound generation's cache; the pool is untouched.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ from evomerge.eval.generate import (
     EncodedPrompts,
     GenerationSettings,
     encode_prompts,
+    cache_keyword,
     generate_encoded,
     length_runs,
+    returned_cache,
 )
 
 HARNESS_TASK = "lm_eval"  # the `task` config entry's name that selects lm-eval tasks (conf/task/lm_eval.yaml)
@@ -140,11 +144,6 @@ class HarnessTask:
 
     def __repr__(self) -> str:
         return f"HarnessTask({self.settings.tasks})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (Ray workers) without the loaded tasks and their datasets: each process loads them itself."""
-        derived = ("loaded", "objectives", "fingerprint")
-        return {key: value for key, value in self.__dict__.items() if key not in derived}
 
     @cached_property
     def loaded(self) -> dict[str, Any]:
@@ -323,39 +322,95 @@ class HarnessLM(TemplateLM):
         raise TaskError("lm-eval perplexity tasks (loglikelihood_rolling) are not a fitness evomerge computes; use "
                         "generate_until or multiple_choice tasks")
 
-    @torch.inference_mode()
     def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """(log-probability of the continuation, whether greedy decoding would produce it) per request: rows cut
-        to the model's length as lm-eval cuts them, sorted by length, right-padded (a causal model's earlier
-        positions never see the pads), one forward per batch."""
+        """(log-probability of the continuation, whether greedy decoding would produce it) per request. Requests
+        that share a context (a multiple-choice question's choices) read it once: see `_score_shared`. A model
+        without an HF config (no KV cache), and rows longer than the model, which lm-eval cuts from the left, are
+        read whole instead (`_score_whole`)."""
         model = self._model()
-        rows = [(context + continuation)[-(self.max_length + 1):][:-1] for _, context, continuation in requests]
+        contexts = [context for _, context, _ in requests]
         continuations = [continuation for _, _, continuation in requests]
-        order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
-        keep_logits = "logits_to_keep" in _parameters(model)
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        shares = getattr(model, "config", None) is not None
+        whole = [index for index in range(len(requests))
+                 if not shares or len(contexts[index]) + len(continuations[index]) > self.max_length + 1]
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        self._score_whole(model, whole, contexts, continuations, results)
+        self._score_shared(model, sorted(set(range(len(requests))) - set(whole)), contexts, continuations, results)
+        return results
+
+    def _batches(self, lengths: Sequence[int]) -> Iterator[slice]:
+        """Consecutive runs of `lengths` (sorted longest first) batched as prompts are: by rows, padding, tokens."""
         start = 0
-        for size in length_runs([len(rows[index]) for index in order], self.batching["max_padding"],
-                                self.batching["batch_size"], self.batching.get("max_batch_tokens"), 0):
-            batch = order[start:start + size]
+        for size in length_runs(lengths, self.batching["max_padding"], self.batching["batch_size"],
+                                self.batching.get("max_batch_tokens"), 0):
+            yield slice(start, start + size)
             start += size
-            width = len(rows[batch[0]])
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, index in enumerate(batch):
+
+    @torch.inference_mode()
+    def _score_shared(self, model: torch.nn.Module, indices: Sequence[int], contexts: Sequence[list[int]],
+                      continuations: Sequence[list[int]], results: list[tuple[float, bool]]) -> None:
+        """Each batch of distinct contexts (sorted by length, left-padded) is read in one forward; its last position
+        scores every continuation's first token, and its KV cache, repeated for each request of the batch, lets one
+        more forward read all their other tokens (right-padded): a 4-way question costs its context once, not 4
+        times. Positions come from the attention mask, so each token has its place in its unpadded row."""
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for index in indices:
+            by_context.setdefault(tuple(contexts[index]), []).append(index)
+        distinct = sorted(by_context, key=len, reverse=True)
+        device = _device(model)
+        for batch in self._batches([len(context) for context in distinct]):
+            rows = distinct[batch]
+            padded = self.tokenizer.pad({"input_ids": [list(row) for row in rows]}, padding=True, padding_side="left",
+                                        return_tensors="pt")
+            context_ids, context_mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+            positions = (context_mask.cumsum(-1) - 1).clamp(min=0)
+            outputs = model(input_ids=context_ids, attention_mask=context_mask, position_ids=positions, use_cache=True)
+            first = F.log_softmax(outputs.logits[:, -1], dim=-1)  # each context's next-token log-probabilities
+            members = [(row, index) for row, context in enumerate(rows) for index in by_context[context]]
+            tails = [continuations[index][:-1] for _, index in members]
+            width = max(len(tail) for tail in tails)
+            if width:
+                cache = returned_cache(outputs)
+                selected = torch.tensor([row for row, _ in members], device=device)
+                cache.reorder_cache(selected)  # one cache row per request (the batch's cache is not needed after)
+                tail_ids = torch.zeros(len(members), width, dtype=torch.long, device=device)
+                tail_mask = torch.zeros_like(tail_ids)
+                for member, tail in enumerate(tails):
+                    tail_ids[member, :len(tail)] = torch.tensor(tail)
+                    tail_mask[member, :len(tail)] = 1
+                tail_positions = positions[selected, -1:] + 1 + torch.arange(width, device=device)
+                logits = model(input_ids=tail_ids, attention_mask=torch.cat([context_mask[selected], tail_mask], 1),
+                               position_ids=tail_positions, use_cache=True, **{cache_keyword(model): cache}).logits
+                rest = F.log_softmax(logits, dim=-1)
+            for member, (row, index) in enumerate(members):
+                scored = first[row][None]
+                if len(tails[member]):
+                    scored = torch.cat([scored, rest[member, :len(tails[member])]])
+                results[index] = _continuation_score(scored, continuations[index])
+
+    @torch.inference_mode()
+    def _score_whole(self, model: torch.nn.Module, indices: Sequence[int], contexts: Sequence[list[int]],
+                     continuations: Sequence[list[int]], results: list[tuple[float, bool]]) -> None:
+        """Rows as lm-eval's HF backend builds them (cut to the model's length from the left), sorted by length,
+        right-padded (a causal model's earlier positions never see the pads), one forward per batch."""
+        rows = {index: (contexts[index] + continuations[index])[-(self.max_length + 1):][:-1] for index in indices}
+        order = sorted(indices, key=lambda index: -len(rows[index]))
+        keep_logits = "logits_to_keep" in _parameters(model)
+        for batch in self._batches([len(rows[index]) for index in order]):
+            members = order[batch]
+            width = len(rows[members[0]])
+            input_ids = torch.zeros(len(members), width, dtype=torch.long)
+            for row, index in enumerate(members):
                 input_ids[row, :len(rows[index])] = torch.tensor(rows[index])
-            first = min(len(rows[index]) - len(continuations[index]) for index in batch)  # first scored position
+            first = min(len(rows[index]) - len(continuations[index]) for index in members)  # first scored position
             logits = model(input_ids=input_ids.to(_device(model)),
                            **({"logits_to_keep": width - first} if keep_logits else {})).logits
-            logits = logits[:, -(width - first):]
-            logprobs = F.log_softmax(logits, dim=-1)  # in the model's dtype, as lm-eval's HF backend does
-            for row, index in enumerate(batch):
+            logprobs = F.log_softmax(logits[:, -(width - first):], dim=-1)  # in the model's dtype, as lm-eval's
+            for row, index in enumerate(members):
                 end = len(rows[index]) - first
-                scored = logprobs[row, end - len(continuations[index]):end]
-                target = torch.tensor(continuations[index], device=scored.device)
-                greedy = bool((scored.argmax(dim=-1) == target).all())
-                results[index] = (float(scored.gather(1, target[:, None]).sum()), greedy)
-        return results
+                results[index] = _continuation_score(logprobs[row, end - len(continuations[index]):end],
+                                                     continuations[index])
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations cut at the request's stop strings, by evomerge's generator; requests with the same
@@ -402,6 +457,13 @@ class HarnessLM(TemplateLM):
         if self.model is None:
             raise RuntimeError("HarnessLM.model is not set")
         return self.model
+
+
+def _continuation_score(logprobs: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
+    """The continuation's log-probability from the log-probabilities at its positions, and whether each of its
+    tokens is the likeliest there (lm-eval's `is_greedy`)."""
+    target = torch.tensor(continuation, device=logprobs.device)
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(dim=-1) == target).all())
 
 
 def _parameters(model: torch.nn.Module) -> Mapping[str, Any]:

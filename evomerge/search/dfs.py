@@ -27,8 +27,8 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from transformers import PreTrainedModel
 
 from evomerge.errors import MergeError, SearchError
-from evomerge.eval.configured import configured_task
-from evomerge.eval.task import AnyTask, check_objectives
+from evomerge.eval.configured import ScoredTask, configured_task
+from evomerge.eval.task import check_objectives
 from evomerge.modelio import load_model, read_config
 from evomerge.pathmodel import path_length, recipe_path_model
 from evomerge.pool import Pool
@@ -44,7 +44,7 @@ OPTIMIZERS = ("nsga2", "cmaes")
 class DFSProblem(PoolProblem):
     """Genome -> layer path -> path model over the resident sources -> metrics on the search split."""
 
-    def __init__(self, cfg: DictConfig, pool: Pool, space: DFSGenomeSpace, task: AnyTask):
+    def __init__(self, cfg: DictConfig, pool: Pool, space: DFSGenomeSpace, task: ScoredTask):
         super().__init__(cfg, pool, space, task)
         self._sources: list[PreTrainedModel] | None = None
 

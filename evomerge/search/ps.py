@@ -12,10 +12,11 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from evomerge.eval.configured import configured_task, pool_evaluator
+from evomerge.eval.configured import ScoredTask, configured_task, pool_evaluator
 from evomerge.eval.evaluator import Evaluator, RowScores
+from evomerge.eval.harness import HarnessEvaluator
 from evomerge.eval.significance import paired_comparison, row_values
-from evomerge.eval.task import AnyTask, check_objectives
+from evomerge.eval.task import check_objectives
 from evomerge.errors import MergeError, SearchError
 from evomerge.merge.groups import count_blocks, group_names
 from evomerge.merge.memory import InMemoryMerger
@@ -55,16 +56,16 @@ class PoolProblem:
     use). Each kind keeps its own resident models, put in memory by `load` on first use, so a driver whose
     candidates run on Ray workers decodes genomes, tells the optimizer and writes the log without holding them."""
 
-    def __init__(self, cfg: DictConfig, pool: Pool, space: Any, task: AnyTask):
+    def __init__(self, cfg: DictConfig, pool: Pool, space: Any, task: ScoredTask):
         self.cfg, self.pool, self.space, self.task = cfg, pool, space, task
         self.objectives = tuple(cfg.search.objectives)
 
     @functools.cached_property
-    def evaluator(self) -> Evaluator:
+    def evaluator(self) -> Evaluator | HarnessEvaluator:
         return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "search")
 
     @functools.cached_property
-    def test_evaluator(self) -> Evaluator:
+    def test_evaluator(self) -> Evaluator | HarnessEvaluator:
         return pool_evaluator(self.task, self.cfg.task, self.pool.tokenizer_source, "test")
 
     def decode(self, genome):
@@ -74,7 +75,7 @@ class PoolProblem:
 class PSProblem(PoolProblem):
     """Genome -> recipe -> resident merged model -> metrics on the search split."""
 
-    def __init__(self, cfg: DictConfig, pool: Pool, space: PSGenomeSpace, task: AnyTask):
+    def __init__(self, cfg: DictConfig, pool: Pool, space: PSGenomeSpace, task: ScoredTask):
         super().__init__(cfg, pool, space, task)
         self._merger: InMemoryMerger | None = None
 
@@ -182,7 +183,7 @@ def baseline_recipes(pool: Pool) -> dict[str, PSRecipe]:
             for name in BASELINES}
 
 
-def report_row(evaluator: Evaluator, objective: str, item: ReportItem, model) -> dict[str, Any]:
+def report_row(evaluator: Evaluator | HarnessEvaluator, objective: str, item: ReportItem, model) -> dict[str, Any]:
     """One model of a held-out report: its metrics (`fitness` = the objective), parameters and path length, and
     its per-row values and outcomes for the paired statistics (`add_paired` takes them out again)."""
     result = evaluator.evaluate(model, model_key=item.key)
