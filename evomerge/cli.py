@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -132,6 +133,16 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), function)
 
 
+def _close_logs_in(directory: Path) -> None:
+    """Detach the log file handlers Hydra opened in `directory` before it is removed: left on the root logger, the
+    next log call in this process (a caller that runs `main` again, a library logging a warning) would raise
+    FileNotFoundError reopening their file."""
+    for handler in logging.root.handlers[:]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == directory.resolve():
+            logging.root.removeHandler(handler)
+            handler.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             written = {item.name for item in output_dir.iterdir()} - HYDRA_OWN - {"config.yaml"}
             sweep_job = HydraConfig.get().mode.name == "MULTIRUN"  # a sweep keeps its failed jobs' directories
             if fresh and not written and not sweep_job:  # nothing half-written: Hydra's new directory goes again
+                _close_logs_in(output_dir)
                 shutil.rmtree(output_dir, ignore_errors=True)
             _restore(kept)
             print(f"evomerge {command}: error: {error}", file=sys.stderr)

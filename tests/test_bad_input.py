@@ -8,6 +8,7 @@ which is snapshotted before and compared after, so a half-written output or a ch
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import shutil
 from collections.abc import Callable
@@ -348,3 +349,16 @@ def test_a_pickle_that_would_run_code_is_refused_even_when_allowed(tmp_path):
     finally:
         set_load_policy()
     assert not marker.exists()
+
+
+def test_a_refused_run_leaves_no_log_handler_on_its_removed_directory(tmp_path):
+    """The refused run's directory goes, and so does Hydra's log handler on it: left attached, once its stream was
+    closed the next log call in this process (mergekit's, in the tests after such a run) raised FileNotFoundError
+    reopening cli.log."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["search", "pool.zoo=false", "pool.base=x", "pool.models=[]", "progress=false", f"hydra.run.dir={run}"])
+    assert not run.exists()
+    assert not [handler for handler in logging.root.handlers
+                if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run.resolve()]
+    logging.getLogger("evomerge.tests").warning("a warning after a refused run")

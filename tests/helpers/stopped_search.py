@@ -9,7 +9,6 @@ appears lands inside it even on a busy machine.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -37,8 +36,6 @@ def start(run_dir: Path, trace: Path, home: Path, generations: int, submitit_job
     code = 0
     for stop_signal in (signal.SIGTERM, signal.SIGUSR2):  # a job's process starts with the default handlers, not
         signal.signal(stop_signal, signal.SIG_DFL)  # those of whatever ran in this pytest process (Ray's driver)
-    for handler in logging.root.handlers[:]:  # nor with the log handlers an earlier test's CLI run left (Hydra's file
-        logging.root.removeHandler(handler)  # handler of a run directory never made raises in submitit's log call)
     evaluate = Evaluator.evaluate
     Evaluator.evaluate = lambda *args, **kwargs: time.sleep(EVALUATION_PAUSE) or evaluate(*args, **kwargs)
     try:
