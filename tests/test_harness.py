@@ -16,6 +16,7 @@ from lm_eval.tasks import TaskManager
 from evomerge.cli import main
 from evomerge.errors import TaskError
 from evomerge.eval.harness import HarnessEvaluator, HarnessLM, HarnessSettings, HarnessTask
+from evomerge.eval.significance import row_values
 from evomerge.modelio import load_model, load_tokenizer
 from evomerge.resources import CONF_DIR
 from evomerge.zoo.build import ZooSpec, build_zoo, zoo_dir
@@ -168,3 +169,13 @@ def test_scores_match_lm_eval_simple_evaluate_on_the_toy_zoo():
     zoo = build_zoo(ZooSpec.from_dict(yaml.safe_load((CONF_DIR / "zoo" / "full.yaml").read_text())), home)
     assert assert_scores_match_lm_eval(zoo / "math_expert", "test")["toy_arith/score"] >= 0.8
     assert_scores_match_lm_eval(zoo / "ja_expert", "search")
+
+
+def test_per_row_values_average_to_the_score_when_tasks_have_different_row_counts():
+    task = harness_task()
+    samples = ([{"task": "toy_arith", "metrics": {"exact_match": value}} for value in (1.0, 0.0, 1.0, 1.0)]
+               + [{"task": "toy_qa_choice", "metrics": {"acc": value, "acc_norm": 0.0}} for value in (0.0, 1.0)])
+    values, outcomes = row_values(task, samples, "score")
+    assert sum(values) / len(values) == pytest.approx((0.75 + 0.5) / 2)
+    assert outcomes == [True, False, True, True, False, True]
+    assert row_values(task, samples, "toy_qa_choice/acc_norm") == ([0.0, 0.0], [False, False])

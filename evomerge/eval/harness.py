@@ -249,21 +249,17 @@ class HarnessTask:
                 for name, task in self.tasks.items()}
 
     def row_values(self, samples: Sequence[Mapping[str, Any]], objective: str) -> tuple[list[float], list[bool]]:
-        """Per test row: its value in `objective` (they average to it: `score` weighs each task's rows by
-        1 / (tasks x that task's rows)) and its 0/1 outcome (the row's metric is 1; exact for acc, exact_match)."""
+        """Per test row: its value in `objective` (for `score`, its own task's fitness metric, unweighted: the
+        paired statistics weigh the tasks equally, `significance.task_weighted`) and its 0/1 outcome (the row's
+        metric is 1; exact for acc, exact_match)."""
         name, _, metric = objective.partition("/")
         if metric:
-            rows = [sample for sample in samples if sample["task"] == name]
-            key = self.objectives[name].metric if metric == "score" else metric
-            values = [float(sample["metrics"][key]) for sample in rows]
-            return values, [value == 1 for value in values]
-        if objective != "score":
+            samples = [sample for sample in samples if sample["task"] == name]
+        elif objective != "score":
             raise ValueError(f"no per-row values average to metric {objective!r}")
-        counts = {task: sum(sample["task"] == task for sample in samples) for task in self.tasks}
-        raw = [float(sample["metrics"][self.objectives[sample["task"]].metric]) for sample in samples]
-        scale = len(samples) / len(counts)
-        return ([value * scale / counts[sample["task"]] for value, sample in zip(raw, samples)],
-                [value == 1 for value in raw])
+        own = metric in ("", "score")  # each row's own task's fitness metric
+        values = [float(sample["metrics"][self.objectives[sample["task"]].metric if own else metric]) for sample in samples]
+        return values, [value == 1 for value in values]
 
 
 def _named(value: Any) -> str:

@@ -10,6 +10,7 @@ component's rows), so every component counts as much as in the score.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,8 +34,11 @@ def _field(metric: str) -> str:
 def row_values(task: AnyTask | HarnessTask, samples: Sequence[Mapping[str, Any]],
                objective: str) -> tuple[list[float], list[bool]]:
     """Per test row: its value in `objective` (they average to the objective) and its 0/1 outcome."""
-    if isinstance(task, HarnessTask):  # lm-eval's per-row metrics
-        return task.row_values(samples, objective)
+    if isinstance(task, HarnessTask):  # lm-eval's per-row metrics; `score` is the mean of the tasks' fitness
+        values, outcomes = task.row_values(samples, objective)
+        if objective == "score":
+            values = task_weighted(values, [sample["task"] for sample in samples])
+        return values, outcomes
     if isinstance(task, CompositeTask):
         if "/" in objective:  # one component's metric: that component's rows
             name, metric = objective.split("/", 1)
@@ -47,12 +51,18 @@ def row_values(task: AnyTask | HarnessTask, samples: Sequence[Mapping[str, Any]]
             outcomes = [bool(sample[_field(objective)]) for sample in samples]
             return [float(o) for o in outcomes], outcomes
         fields = {c.task.name: _field(c.task.primary_metric if c.metric == "score" else c.metric) for c in task.components}
-        counts = {name: sum(sample["task"] == name for sample in samples) for name in fields}
         outcomes = [bool(sample[fields[sample["task"]]]) for sample in samples]
-        scale = len(samples) / len(fields)
-        return [o * scale / counts[sample["task"]] for o, sample in zip(outcomes, samples)], outcomes
+        return task_weighted([float(o) for o in outcomes], [sample["task"] for sample in samples]), outcomes
     outcomes = [bool(sample[_field(task.primary_metric if objective == "score" else objective)]) for sample in samples]
     return [float(o) for o in outcomes], outcomes
+
+
+def task_weighted(values: Sequence[float], tasks: Sequence[str]) -> list[float]:
+    """Each row's value scaled by 1 / (tasks x its task's rows), times the rows: their mean is the mean of the
+    per-task means, as a score that averages its tasks weighs them."""
+    counts = Counter(tasks)
+    scale = len(values) / len(counts)
+    return [value * scale / counts[task] for value, task in zip(values, tasks)]
 
 
 def paired_comparison(values: Sequence[float], outcomes: Sequence[bool], other_values: Sequence[float],
