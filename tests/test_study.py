@@ -1,17 +1,21 @@
-"""The merging-at-scale study (issue 8) in miniature: micro zoo, two experts, one method; study-zoo data rules."""
+"""The merging-at-scale study (issues 8, 21) in miniature: micro zoo runs of the pipeline, the study-zoo data rules,
+and the bootstrap behind every interval and verdict on synthetic rows whose answer is known."""
 
 from __future__ import annotations
 
 import json
 import random
 
+import numpy as np
 import pytest
 import yaml
 
 from evomerge.cli import main
 from evomerge.resources import CONF_DIR
 from evomerge.study.command import study
-from evomerge.study.run import expert_subsets, load_pool, method_grid, normalized
+from evomerge.study.intervals import Draws, combined, interval, verdict
+from evomerge.study.run import EVOLVED, expert_subsets, load_pool, method_grid, normalized
+from evomerge.study.summary import report_markdown, summarize
 from evomerge.zoo import corpus
 from evomerge.zoo.build import ZooSpec
 from evomerge.zoo.study_tasks import (
@@ -23,6 +27,7 @@ from evomerge.zoo.study_tasks import (
 from evomerge.zoo.study_zoo import (
     StudyZooSpec,
     _pretraining_questions,
+    expert_gate,
     load_study_zoo_spec,
 )
 
@@ -31,7 +36,8 @@ CONF = CONF_DIR
 
 def _settings(**changes):
     settings = yaml.safe_load((CONF / "study" / "default.yaml").read_text())
-    settings.update(zoo="micro", sizes=[2], subsets=1, methods={"linear": {}}, **changes)
+    settings.update(zoo="micro", sizes=[2], subsets=1, methods={"linear": {}},
+                    evolved={**settings["evolved"], "generations": 2, "popsize": 3}, **changes)
     return settings
 
 
@@ -48,35 +54,71 @@ def test_tiny_study_on_the_micro_zoo(micro_zoo_home, tmp_path):
     out = tmp_path / "run"
     summary = study(_settings(), micro_zoo_home, out, log=lambda *_: None)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 1
+    assert [r["method"] for r in records] == ["linear", EVOLVED]
     record = records[0]
-    assert record["kind"] == "plain" and record["n"] == 2 and record["method"] == "linear"
+    assert record["kind"] == "plain" and record["n"] == 2
     assert sorted(record["subset"]) == ["toy_en_math", "toy_ja_qa"]
     assert set(record["held_out"]) == {"toy_ja_math"}
+    # every test question's outcome is kept, and the scores are their means (what the bootstrap resamples)
+    assert set(record["rows"]) == {"toy_en_math", "toy_ja_qa", "toy_ja_math"}
+    for task, rows in record["rows"].items():
+        assert len(rows) == 8 and set(rows) <= {0, 1}
+        assert {**record["held_in"], **record["held_out"]}[task] == pytest.approx(sum(rows) / len(rows))
     pool = load_pool("micro", micro_zoo_home)
     kind = pool.kinds[0]
     own = {t: kind.expert_scores[t][t] for t in record["subset"]}
     ratios = [record["held_in"][t] / own[t] for t in record["subset"] if own[t] > 0]  # each task by its own expert
     # (the micro zoo's experts may score 0 on their own tasks: then there is no ratio to take, and no norm)
     assert record["held_in_norm"] == (pytest.approx(sum(ratios) / len(ratios)) if ratios else None)
-    assert summary["cells"]["plain"]["linear"]["2"]["subsets"] == 1
+    # the evolved column: CMA-ES over one weight per expert, generations x popsize merges on the search split
+    evolved = records[1]
+    assert len(evolved["grid"]) == 2 * 3 and {g["generation"] for g in evolved["grid"]} == {0, 1}
+    assert len(evolved["values"]["weight"]) == 2
+    assert evolved["values"]["search_score"] == max(g["score"] for g in evolved["grid"])
+    cell = summary["cells"]["plain"]["linear"]["2"]
+    assert cell["subsets"] == 1 and set(cell["held_in_norm"]) == {"value", "low", "high"}
     for name in ("summary.json", "study.md", "study_methods.png", "study_base_kinds.png"):
         assert (out / name).stat().st_size > 0
     assert "| plain | linear |" in (out / "study.md").read_text()
-    # a second run over the same directory reuses the merge instead of doing it again
+    # a second run over the same directory reuses the merges instead of doing them again
     again = study(_settings(), micro_zoo_home, out, log=lambda *_: None)
-    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert again["cells"] == summary["cells"]
+    # a study is deterministic: a fresh run directory gives the same records (timings aside)
+    fresh = tmp_path / "again"
+    study(_settings(), micro_zoo_home, fresh, log=lambda *_: None)
+    def timeless(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run / "results.jsonl").read_text().splitlines()]
+
+    assert timeless(fresh) == timeless(out)
 
 
 def test_study_command_line(micro_zoo_home, tmp_path):
     out = tmp_path / "cli"
     main(["study", f"home={micro_zoo_home}", f"hydra.run.dir={out}", "+study.zoo=micro", "+study.sizes=[2]",
-          "+study.subsets=1", "+study.methods={task_arithmetic: {lambda: [0.5, 1.0]}}"])
+          "+study.subsets=1", "+study.methods={task_arithmetic: {lambda: [0.5, 1.0]}}", "+study.evolved=null"])
     record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert record["method"] == "task_arithmetic" and len(record["grid"]) == 2
     scores = {point["values"]["lambda"]: point["score"] for point in record["grid"]}
     assert sorted(scores) == [0.5, 1.0] and scores[record["values"]["lambda"]] == max(scores.values())
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1  # evolved=null: no evolved column
+
+
+@pytest.mark.slow
+def test_the_quick_study_runs_every_stage(micro_zoo_home, tmp_path):
+    """`evomerge study study=quick`, the CI-size variant: both base kinds, N in {2, 4}, 3 subsets where there are
+    that many, two uniform methods and the evolved column, summarized with intervals and verdicts."""
+    out = tmp_path / "quick"
+    main(["study", "study=quick", f"home={micro_zoo_home}", f"hydra.run.dir={out}", "progress=false"])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == (3 + 1) * 2 * 3  # subsets (N=2: 3, N=4: the one) x kinds x columns
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["subsets"]["2"] and len(summary["subsets"]["2"]) == 3 and len(summary["subsets"]["4"]) == 1
+    assert set(summary["cells"]["it"]) == {"linear", "task_arithmetic", EVOLVED}
+    assert [f["title"][:2] for f in summary["findings"]] == ["1.", "2.", "3.", "4.", "5."]
+    assert all(f["verdict"] in {"agrees", "disagrees", "undetermined", "not measured"} for f in summary["findings"])
+    assert "Expert gate" in (out / "study.md").read_text()
 
 
 def test_subsets_are_distinct_seeded_and_shared():
@@ -145,3 +187,97 @@ def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
     assert set(build["seconds"]) == {"write_data", "copy_base", "instruct_base", "train_experts", "report"}
     assert not pool.zoo.with_name(pool.zoo.name + ".partial").exists()
     assert load_pool("study_micro", micro_zoo_home).zoo == pool.zoo  # found, not built again
+
+
+# ---- the bootstrap: synthetic rows whose answer is known ----
+
+
+def _bernoulli(rng: np.random.Generator, p: float, n: int = 200) -> list[int]:
+    return [int(x) for x in rng.random(n) < p]
+
+
+def _synthetic(plain_p: float, it_p: float, seed: int = 0):
+    """Two base kinds, three held-in tasks with perfect experts, one held-out task, N in {1, 2}; the merges' held-in
+    rows are right with probability plain_p / it_p; the held-out rows are the same rows for both kinds."""
+    rng = np.random.default_rng(seed)
+    held_in, held_out = ["a", "b", "c"], ["x"]
+    base_out = _bernoulli(rng, 0.5)
+    info = {"held_in": held_in, "held_out": held_out, "gate": None, "references": {
+        kind: {"base_rows": {**{t: _bernoulli(rng, 0.1) for t in held_in}, "x": base_out},
+               "expert_rows": {t: {t: [1] * 200, "x": base_out} for t in held_in}} for kind in ("plain", "it")}}
+    records = []
+    merged_out = _bernoulli(rng, 0.6)
+    for n, subsets in {1: [["a"], ["b"], ["c"]], 2: [["a", "b"], ["a", "c"], ["b", "c"]]}.items():
+        for subset in subsets:
+            for kind, p in (("plain", plain_p), ("it", it_p)):
+                for method in ("linear", "ties"):
+                    rows = {**{t: _bernoulli(rng, p) for t in subset}, "x": merged_out}
+                    records.append({"kind": kind, "n": n, "subset": subset, "method": method, "rows": rows})
+    return records, info
+
+
+def test_bootstrap_intervals_cover_what_the_rows_say():
+    """One subset of one task answered at p = 0.5 by a merge, by an expert at 1.0: the interval is the binomial one
+    (±1.96·sqrt(.25/200) ≈ ±0.069); identical rows compared through the shared draws differ by exactly 0."""
+    rng = np.random.default_rng(1)
+    rows = _bernoulli(rng, 0.5)
+    draws = Draws({"a": 200}, {1: 1})
+    score = draws.score("a", rows)
+    assert score[0] == pytest.approx(np.mean(rows))  # replicate 0 is the point estimate
+    estimate = interval(score)
+    assert estimate["high"] - estimate["low"] == pytest.approx(2 * 1.96 * 0.5 / np.sqrt(200), rel=0.15)
+    assert estimate["low"] < np.mean(rows) < estimate["high"]
+    assert np.all(draws.score("a", rows) - draws.score("a", list(rows)) == 0)  # paired: the same questions
+    assert interval(draws.score("a", [0] * 200) - score)["high"] < 0
+
+
+def test_verdicts_come_from_intervals():
+    assert verdict({"value": 0.1, "low": 0.02, "high": 0.2}) == "agrees"
+    assert verdict({"value": 0.1, "low": -0.02, "high": 0.2}) == "undetermined"
+    assert verdict({"value": -0.1, "low": -0.2, "high": -0.01}) == "disagrees"
+    assert verdict({"value": None, "low": None, "high": None}) == "undetermined"
+    assert combined(["agrees", "agrees"]) == "agrees"
+    assert combined(["agrees", "undetermined"]) == "undetermined"
+    assert combined(["agrees", "disagrees"]) == "disagrees"
+
+
+@pytest.mark.parametrize("plain_p, it_p, expected", [(0.5, 0.9, "agrees"), (0.9, 0.5, "disagrees"),
+                                                     (0.7, 0.7, "undetermined")])
+def test_a_finding_says_what_its_interval_says(plain_p, it_p, expected):
+    """Finding 1 (instruction-tuned base merges better): held-in it − plain clearly above, clearly below, or at 0;
+    held-out is the same rows for both kinds, so its difference is exactly 0 in every replicate (undetermined)."""
+    records, info = _synthetic(plain_p, it_p)
+    summary = summarize(records, info)
+    first = summary["findings"][0]
+    held_in, held_out = first["parts"]
+    assert held_in["verdict"] == expected
+    assert held_out["low"] == held_out["high"] == 0 and held_out["verdict"] == "undetermined"
+    assert first["verdict"] == ("disagrees" if expected == "disagrees" else "undetermined")
+    cell = summary["cells"]["it"]["linear"]["2"]
+    assert cell["subsets"] == 3 and cell["held_in_norm"]["low"] < it_p < cell["held_in_norm"]["high"]
+    assert f"The miniature **{first['verdict']}**" in report_markdown(summary)
+
+
+def test_intervals_resample_the_subsets_too():
+    """Two subsets, one merged perfectly and one not at all, with no question noise: the cell's interval spans
+    both (a question-only bootstrap would give the point)."""
+    info = {"held_in": ["a", "b"], "held_out": ["x"], "gate": None, "references": {"plain": {
+        "base_rows": {"a": [0] * 50, "b": [0] * 50, "x": [1] * 50},
+        "expert_rows": {"a": {"a": [1] * 50, "x": [1] * 50}, "b": {"b": [1] * 50, "x": [1] * 50}}}}}
+    records = [{"kind": "plain", "n": 1, "subset": [t], "method": "linear",
+                "rows": {t: [int(t == "a")] * 50, "x": [1] * 50}} for t in ("a", "b")]
+    cell = summarize(records, info)["cells"]["plain"]["linear"]["1"]["held_in_norm"]
+    assert cell["value"] == 0.5 and cell["low"] == 0.0 and cell["high"] == 1.0
+
+
+def test_the_expert_gate_names_the_experts_below_it():
+    report = {"kinds": {"plain": {"experts": {"a": {"a": {"score": 0.9}}, "b": {"b": {"score": 0.5}}}},
+                        "it": {"experts": {"a": {"a": {"score": 0.79}}, "b": {"b": {"score": 1.0}}}}}}
+    assert expert_gate(report, 0.8) == {"threshold": 0.8, "failed": {"plain/b": 0.5, "it/a": 0.79}}
+
+
+def test_an_old_results_file_is_refused_in_one_line():
+    records, info = _synthetic(0.5, 0.5)
+    del records[0]["rows"]
+    with pytest.raises(ValueError, match="older evomerge study"):
+        summarize(records, info)

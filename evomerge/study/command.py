@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from evomerge.resources import CONF_DIR
 from evomerge.study.run import load_pool, run_study
 from evomerge.study.summary import plot, pool_info, report_markdown, summarize
+from evomerge.zoo.build import reproducible_torch
 from evomerge.zoo.report import format_report
 from evomerge.zoo.study_zoo import format_study_report
 
@@ -27,8 +28,11 @@ def study_settings(cfg: DictConfig) -> dict[str, Any]:
     settings = yaml.safe_load((CONF_DIR / "study" / "default.yaml").read_text())
     known = set(settings)  # every setting has a default there
     given = OmegaConf.select(cfg, "study")
-    if given is not None:  # a given mapping (methods) replaces the default one: to run fewer methods
-        settings.update(OmegaConf.to_container(given, resolve=True))
+    if given is not None:  # a given `methods` replaces the default one (to run fewer); `evolved` is merged into it
+        given = OmegaConf.to_container(given, resolve=True)
+        if isinstance(given.get("evolved"), dict):
+            given["evolved"] = {**settings["evolved"], **given["evolved"]}
+        settings.update(given)
     unknown = set(settings) - known
     if unknown:
         raise ValueError(f"study: unknown setting(s) {sorted(unknown)}")
@@ -45,8 +49,9 @@ def study(settings: dict[str, Any], home: str | Path, out: Path, log=print) -> d
         return {}
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    records = run_study(pool, settings, out, log=log)
-    summary = summarize(records, {**pool_info(pool), "zoo": str(pool.zoo), "settings": settings})
+    with reproducible_torch():  # the zoo's thread count on any machine: the same float sums, the same answers
+        records = run_study(pool, settings, out, log=log)
+    summary = {**summarize(records, pool_info(pool)), "zoo": str(pool.zoo), "settings": settings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(report_markdown(summary))
     plot(summary, out)

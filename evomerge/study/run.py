@@ -3,8 +3,13 @@ method's hyperparameters on the held-in tasks' search split, score on the test s
 
 Normalization follows Yadav et al. (2024): a held-in task's score is divided by its own expert's score, a held-out
 task's score by the base's (each base kind by its own base); a task whose reference scores 0 is left out of that
-mean and counted in `skipped`. Each merge is one line of `results.jsonl`, written as it finishes, so a run that is
-cut short resumes where it stopped.
+mean and counted in `skipped`. Each merge is one line of `results.jsonl` (its scores and each test question's 0/1
+outcome, which the summary's bootstrap resamples), written as it finishes, so a run that is cut short resumes where
+it stopped.
+
+Beside the uniform methods, an *evolved* column: per merge, a small CMA-ES search (evomerge's own optimizer and
+genome) over per-expert weights of one method, its fitness the held-in tasks' mean score on the search split -- the
+same split and criterion the uniform methods' grids are chosen on.
 """
 
 from __future__ import annotations
@@ -23,26 +28,43 @@ import yaml
 
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.merge.methods import METHODS
-from evomerge.recipe import PSRecipe
+from evomerge.recipe import DEFAULT_GROUPS, PSRecipe
+from evomerge.modelio import load_model
 from evomerge.resources import CONF_DIR
+from evomerge.search.genome import PSGenomeSpace
+from evomerge.search.optimizer import CMAES
 from evomerge.zoo import build
 from evomerge.zoo.report import TaskSuite
 from evomerge.zoo.study_zoo import (
     base_dir,
     build_study_zoo,
     expert_dir,
+    expert_gate,
     load_study_zoo_spec,
 )
 
+
+EVOLVED = "evolved"  # the evolutionary column's name beside the uniform methods
+
+
 @dataclass(frozen=True)
 class BaseKind:
-    """One base and the experts fine-tuned from it, with the reference scores (test split, primary metric)."""
+    """One base and the experts fine-tuned from it, with the reference rows (test split, 0/1 per question in the
+    task's primary metric): the base on every task, each expert on its own task and the held-out tasks."""
 
     name: str
     base: Path
     experts: Mapping[str, Path]  # held-in task -> expert directory
-    base_scores: Mapping[str, float]  # every task
-    expert_scores: Mapping[str, Mapping[str, float]]  # expert's task -> every task
+    base_rows: Mapping[str, list[int]]  # task -> rows
+    expert_rows: Mapping[str, Mapping[str, list[int]]]  # expert's task -> task -> rows
+
+    @property
+    def base_scores(self) -> dict[str, float]:
+        return _scores(self.base_rows)
+
+    @property
+    def expert_scores(self) -> dict[str, dict[str, float]]:
+        return {expert: _scores(rows) for expert, rows in self.expert_rows.items()}
 
 
 @dataclass(frozen=True)
@@ -51,16 +73,21 @@ class StudyPool:
     kinds: tuple[BaseKind, ...]
     held_in: tuple[str, ...]
     held_out: tuple[str, ...]
+    gate: Mapping[str, Any] | None = None  # the study zoo's expert gate (threshold, who fails it)
 
 
-def _primary(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    return {task: float(s["score"]) for task, s in scores.items()}
+def _scores(rows: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    return {task: sum(r) / len(r) for task, r in rows.items()}
+
+
+def _rows(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, list[int]]:
+    return {task: list(s["rows"]) for task, s in scores.items()}
 
 
 def load_pool(zoo: str, home: str | Path) -> StudyPool:
     """The study pool of `evomerge/conf/zoo/<zoo>.yaml`, building the zoo if needed: a study zoo gives both base kinds and
     all its experts; a default-layout zoo (full, micro) gives one base kind ("plain") and its two experts, with its
-    remaining task (toy_ja_math) held out."""
+    remaining task (toy_ja_math) held out, their reference rows scored here (its report keeps scores only)."""
     values = yaml.safe_load((CONF_DIR / "zoo" / f"{zoo}.yaml").read_text())
     if "foundation" in values:
         spec = load_study_zoo_spec(values)
@@ -71,23 +98,25 @@ def load_pool(zoo: str, home: str | Path) -> StudyPool:
                 name=kind,
                 base=base_dir(path, kind),
                 experts={task: expert_dir(path, kind, task) for task in spec.held_in},
-                base_scores=_primary(entry["base"]),
-                expert_scores={task: _primary(scores) for task, scores in entry["experts"].items()},
+                base_rows=_rows(entry["base"]),
+                expert_rows={task: _rows(scores) for task, scores in entry["experts"].items()},
             )
             for kind, entry in report["kinds"].items()
         )
-        return StudyPool(path, kinds, tuple(spec.held_in), tuple(spec.held_out))
+        return StudyPool(path, kinds, tuple(spec.held_in), tuple(spec.held_out), expert_gate(report, spec.expert_gate))
     spec = build.ZooSpec.from_dict(values)
     path = build.build_zoo(spec, home)
-    report = json.loads((path / "zoo_report.json").read_text())
     held_in = tuple(expert.task for expert in spec.experts.values())
     held_out = tuple(task for task in build.TASKS if task not in held_in)
+    suite = TaskSuite(path, [*held_in, *held_out], "test")
     kind = BaseKind(
         name="plain",
         base=path / "base",
         experts={expert.task: path / name for name, expert in spec.experts.items()},
-        base_scores=_primary(report["models"]["base"]),
-        expert_scores={expert.task: _primary(report["models"][name]) for name, expert in spec.experts.items()},
+        base_rows=suite.outcomes(load_model(path / "base")),
+        expert_rows={expert.task: {t: r for t, r in suite.outcomes(load_model(path / name)).items()
+                                   if t == expert.task or t in held_out}
+                     for name, expert in spec.experts.items()},
     )
     return StudyPool(path, (kind,), held_in, held_out)
 
@@ -137,13 +166,19 @@ class Scorer:
         self.zoo = zoo
         self._suites: dict[tuple[str, str], TaskSuite] = {}
 
-    def __call__(self, model, key: str, tasks: Iterable[str], split: str) -> dict[str, float]:
-        scores = {}
+    def __call__(self, model, tasks: Iterable[str], split: str) -> dict[str, list[int]]:
+        """Each task's 0/1 rows on `split` (their mean is its score)."""
+        rows = {}
         for task in tasks:
             if (task, split) not in self._suites:
                 self._suites[(task, split)] = TaskSuite(self.zoo, [task], split)
-            scores[task] = float(self._suites[(task, split)].scores(model, key)[task]["score"])
-        return scores
+            rows[task] = self._suites[(task, split)].outcomes(model)[task]
+        return rows
+
+    def mean(self, model, tasks: Sequence[str], split: str) -> float:
+        """The mean score over `tasks`: what the grids and the evolved column choose by."""
+        scores = _scores(self(model, tasks, split))
+        return sum(scores.values()) / len(scores)
 
 
 def _record_key(kind: str, size: int, subset: Sequence[str], method: str) -> str:
@@ -162,6 +197,9 @@ def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print
                 done[_record_key(record["kind"], record["n"], record["subset"], record["method"])] = record
     kinds = [k for k in pool.kinds if not settings.get("kinds") or k.name in settings["kinds"]]
     sizes = [n for n in settings["sizes"] if 1 <= n <= len(pool.held_in)]
+    columns = {method: method_grid(method, values or {}) for method, values in settings["methods"].items()}
+    if settings.get("evolved"):
+        columns[EVOLVED] = []
     scorer = Scorer(pool.zoo)
     mergers: dict[str, InMemoryMerger] = {}
     records = []
@@ -170,7 +208,7 @@ def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print
         for size in sizes:
             for subset in expert_subsets(pool.held_in, size, settings["subsets"], settings["seed"]):
                 for kind in kinds:
-                    for method, method_settings in settings["methods"].items():
+                    for method, grid in columns.items():
                         key = _record_key(kind.name, size, subset, method)
                         if key in done:
                             records.append(done[key])
@@ -179,8 +217,13 @@ def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print
                             continue
                         if kind.name not in mergers:
                             mergers[kind.name] = InMemoryMerger(kind.base, [kind.experts[t] for t in pool.held_in])
-                        record = _one_merge(pool, kind, mergers[kind.name], scorer, size, subset, method,
-                                            method_grid(method, method_settings or {}), settings)
+                        started = time.perf_counter()
+                        choose = _evolve if method == EVOLVED else _choose
+                        recipe, chosen, tried = choose(kind, mergers[kind.name], scorer, subset, method, grid, settings)
+                        record = _score(pool, kind, mergers[kind.name], scorer, subset, recipe, settings["split"])
+                        record = {"kind": kind.name, "n": size, "subset": list(subset), "method": method,
+                                  "values": chosen, "grid": tried, **record,
+                                  "seconds": round(time.perf_counter() - started, 2)}
                         handle.write(json.dumps(record) + "\n")
                         handle.flush()
                         records.append(record)
@@ -194,30 +237,59 @@ def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
-def _one_merge(pool, kind, merger, scorer, size, subset, method, grid, settings) -> dict[str, Any]:
-    started = time.perf_counter()
+def _choose(kind, merger, scorer, subset, method, grid, settings) -> tuple[PSRecipe, Any, list]:
+    """A uniform method's recipe: its grid point with the best held-in mean on the search split (held-out tasks
+    are never used)."""
+    if len(grid) == 1:
+        return make_recipe(method, kind, subset, grid[0]), grid[0], []
     chosen, chosen_score, tried = None, float("-inf"), []
-    if len(grid) > 1:  # choose on the held-in tasks' search split (raw mean score); held-out tasks are never used
-        for point in grid:
-            recipe = make_recipe(method, kind, subset, point)
-            scores = scorer(merger.merge(recipe), recipe.hash, subset, settings["select_split"])
-            mean = sum(scores.values()) / len(scores)
-            tried.append({"values": point, "score": round(mean, 4)})
-            if mean > chosen_score:
-                chosen, chosen_score = point, mean
-    else:
-        chosen = grid[0]
-    recipe = make_recipe(method, kind, subset, chosen)
+    for point in grid:
+        mean = scorer.mean(merger.merge(make_recipe(method, kind, subset, point)), subset, settings["select_split"])
+        tried.append({"values": point, "score": round(mean, 4)})
+        if mean > chosen_score:
+            chosen, chosen_score = point, mean
+    return make_recipe(method, kind, subset, chosen), chosen, tried
+
+
+def _evolve(kind, merger, scorer, subset, method, grid, settings) -> tuple[PSRecipe, Any, list]:
+    """The evolved column: CMA-ES over one weight per expert (one value set for the whole model), started from
+    every weight at `start`; the best recipe any generation found on the search split."""
+    evolved = settings["evolved"]
+    space = PSGenomeSpace(method=evolved["method"], base=str(kind.base),
+                          models=tuple(str(kind.experts[t]) for t in subset), groups=DEFAULT_GROUPS, shared=True,
+                          parameters=dict(evolved.get("parameters") or {}))
+    optimizer = CMAES(space.dim, seed=settings["seed"], popsize=evolved["popsize"],
+                      x0=space.encode(evolved["start"]))
+    best, best_score, tried = None, float("-inf"), []
+    for generation in range(evolved["generations"]):
+        genomes = optimizer.ask()
+        fitness = []
+        for genome in genomes:
+            recipe = space.decode(genome)
+            mean = scorer.mean(merger.merge(recipe), subset, settings["select_split"])
+            fitness.append([mean])
+            tried.append({"generation": generation, "values": _weights(recipe), "score": round(mean, 4)})
+            if mean > best_score:
+                best, best_score = recipe, mean
+        optimizer.tell(genomes, fitness)
+    return best, {**_weights(best), "search_score": round(best_score, 4)}, tried
+
+
+def _weights(recipe: PSRecipe) -> dict[str, Any]:
+    """The evolved values of a one-value-set recipe (every group has the same)."""
+    return {key: value for key, value in recipe.to_dict()["groups"][0].items() if key != "name"}
+
+
+def _score(pool, kind, merger, scorer, subset, recipe: PSRecipe, split: str) -> dict[str, Any]:
+    """The recipe's merge on the test split: every held-in task of its subset and every held-out task, normalized."""
     model = merger.merge(recipe)
-    split = settings["split"]
-    held_in = scorer(model, recipe.hash, subset, split)
-    held_out = scorer(model, recipe.hash, pool.held_out, split)
+    rows = scorer(model, [*subset, *pool.held_out], split)
+    scores = _scores(rows)
+    held_in, held_out = {t: scores[t] for t in subset}, {t: scores[t] for t in pool.held_out}
     held_in_norm, skipped_in = normalized(held_in, {t: kind.expert_scores[t][t] for t in subset})
     held_out_norm, skipped_out = normalized(held_out, kind.base_scores)
     return {
-        "kind": kind.name, "n": size, "subset": list(subset), "method": method, "values": chosen, "grid": tried,
         "split": split, "held_in": held_in, "held_out": held_out,
         "held_in_norm": held_in_norm, "held_out_norm": held_out_norm,
-        "skipped": skipped_in + skipped_out, "recipe_hash": recipe.hash,
-        "seconds": round(time.perf_counter() - started, 2),
+        "skipped": skipped_in + skipped_out, "recipe_hash": recipe.hash, "rows": rows,
     }

@@ -1,156 +1,224 @@
-"""The study's summary: means over subsets per (base kind, method, N), a markdown table, the four findings of
-Yadav et al. (2024) checked against the numbers, and figures in the style of the paper's (matplotlib Agg)."""
+"""The study's summary: per (base kind, method, N) the normalized scores with bootstrap 95% intervals, the findings
+of Yadav et al. (2024) each decided by an interval (agrees / disagrees / undetermined, never by point estimates), a
+markdown report and figures in the style of the paper's (matplotlib Agg).
+
+Every interval comes from one set of draws (`evomerge.study.intervals`): the same test questions and the same expert
+subsets in every replicate, so a finding's difference between kinds, sizes, methods or N is paired.
+"""
 
 from __future__ import annotations
 
-import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from evomerge.study.run import normalized
+from evomerge.study.intervals import Draws, combined, interval, mean_of, normalized, verdict
+from evomerge.study.run import EVOLVED
 
 KIND_LABELS = {"plain": "plain pretrained base", "it": "instruction-tuned base"}
 METRICS = ("held_in_norm", "held_out_norm")
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _std(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None]
-    return statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
-def summarize(records: Sequence[Mapping[str, Any]], pool_info: Mapping[str, Any]) -> dict[str, Any]:
-    """cells[kind][method][n] = {metric: mean, metric_std: std over subsets, subsets: count}; plus the references:
-    each kind's experts on held-out tasks and its base on held-in tasks, both normalized like the merges."""
-    groups: dict[tuple[str, str, int], list[Mapping[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[(r["kind"], r["method"], r["n"])].append(r)
-    cells: dict[str, dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
-    for (kind, method, n), rows in groups.items():  # run order: base kinds, then N, then methods as configured
-        cell: dict[str, Any] = {"subsets": len(rows)}
-        for metric in METRICS:
-            cell[metric] = _mean([r[metric] for r in rows])
-            cell[f"{metric}_std"] = _std([r[metric] for r in rows])
-        cells[kind][method][str(n)] = cell
-    return {"cells": {k: dict(v) for k, v in cells.items()}, **pool_info}
-
-
 def pool_info(pool) -> dict[str, Any]:
-    """Reference scores: experts and bases on every task, and their normalized held-in / held-out means."""
-    info: dict[str, Any] = {"held_in": list(pool.held_in), "held_out": list(pool.held_out), "references": {}}
-    for kind in pool.kinds:
-        own = {t: kind.expert_scores[t][t] for t in pool.held_in}
-        experts_out = [normalized({t: scores[t] for t in pool.held_out}, kind.base_scores)[0]
-                       for scores in kind.expert_scores.values()]
-        info["references"][kind.name] = {
-            "base_scores": dict(kind.base_scores),
-            "expert_own_scores": own,
-            "expert_scores": {t: dict(s) for t, s in kind.expert_scores.items()},
+    """What the summary normalizes by: per base kind, the base's and each expert's 0/1 test rows."""
+    return {
+        "held_in": list(pool.held_in),
+        "held_out": list(pool.held_out),
+        "gate": pool.gate,
+        "references": {kind.name: {"base_rows": dict(kind.base_rows), "expert_rows": dict(kind.expert_rows)}
+                       for kind in pool.kinds},
+    }
+
+
+class _Arrays:
+    """Every number of the study as replicate arrays (index 0: the point estimate)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], seed: int):
+        questions = {}
+        for ref in info["references"].values():
+            questions.update({t: len(rows) for t, rows in ref["base_rows"].items()})
+        subsets: dict[int, list[tuple[str, ...]]] = defaultdict(list)
+        for r in records:  # run order: N, then subsets in their drawn order
+            if tuple(r["subset"]) not in subsets[r["n"]]:
+                subsets[r["n"]].append(tuple(r["subset"]))
+        self.subsets = dict(subsets)
+        self.draws = Draws(questions, {n: len(s) for n, s in subsets.items()}, seed=seed)
+        self.base: dict[str, dict[str, np.ndarray]] = {}
+        self.experts: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        for kind, ref in info["references"].items():
+            self.base[kind] = {t: self.draws.score(t, rows) for t, rows in ref["base_rows"].items()}
+            self.experts[kind] = {e: {t: self.draws.score(t, rows) for t, rows in by_task.items()}
+                                  for e, by_task in ref["expert_rows"].items()}
+        per_subset: dict[tuple[str, str, int], dict[tuple[str, ...], dict[str, np.ndarray]]] = defaultdict(dict)
+        for r in records:
+            if "rows" not in r:
+                raise ValueError("results.jsonl was written by an older evomerge study (no per-question rows); "
+                                 "start a new run directory")
+            kind = r["kind"]
+            scores = {t: self.draws.score(t, rows) for t, rows in r["rows"].items()}
+            own = {t: self.experts[kind][t][t] for t in r["subset"]}
+            per_subset[(kind, r["method"], r["n"])][tuple(r["subset"])] = {
+                "held_in_norm": normalized({t: scores[t] for t in r["subset"]}, own),
+                "held_out_norm": normalized({t: scores[t] for t in info["held_out"]}, self.base[kind]),
+            }
+        missing = np.full(self.draws.replicates + 1, np.nan)  # a subset a run cut short has not merged yet
+        self.cells: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]] = defaultdict(lambda: defaultdict(dict))
+        self.counts: dict[tuple[str, str, int], int] = {}
+        for (kind, method, n), by_subset in per_subset.items():
+            self.counts[(kind, method, n)] = len(by_subset)
+            self.cells[kind][method][n] = {
+                metric: self.draws.over_subsets(n, [by_subset.get(s, {}).get(metric, missing) for s in subsets[n]])
+                for metric in METRICS
+            }
+
+    def kinds(self) -> list[str]:
+        return list(self.cells)
+
+    def sizes(self, kind: str) -> list[int]:
+        return sorted({n for by_n in self.cells[kind].values() for n in by_n})
+
+    def uniform(self, kind: str) -> list[str]:
+        return [m for m in self.cells[kind] if m != EVOLVED]
+
+    def over_methods(self, kind: str, metric: str, n: int | None = None) -> np.ndarray:
+        """The mean over the uniform methods (and over N when n is None)."""
+        return mean_of(by_n[size][metric] for m, by_n in self.cells[kind].items() if m != EVOLVED
+                       for size in by_n if n is None or size == n)
+
+    def base_held_in(self, kind: str, held_in: Sequence[str]) -> np.ndarray:
+        return normalized({t: self.base[kind][t] for t in held_in}, {t: self.experts[kind][t][t] for t in held_in})
+
+    def expert_held_out(self, kind: str, held_out: Sequence[str]) -> np.ndarray:
+        """A single expert on the held-out tasks, normalized by the base: mean over the kind's experts."""
+        return mean_of(normalized({t: scores[t] for t in held_out}, self.base[kind])
+                       for scores in self.experts[kind].values())
+
+
+def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+    """cells[kind][method][n] = {held_in_norm: interval, held_out_norm: interval, subsets}; references and their
+    intervals; the findings (each part's interval and verdict, and the finding's verdict)."""
+    arrays = _Arrays(records, info, seed)
+    cells = {kind: {method: {str(n): {**{m: interval(values[m]) for m in METRICS},
+                                      "subsets": arrays.counts[(kind, method, n)]}
+                             for n, values in sorted(by_n.items())}
+                    for method, by_n in methods.items()}
+             for kind, methods in arrays.cells.items()}
+    references = {}
+    for kind in arrays.kinds():
+        references[kind] = {
+            "base_scores": {t: float(v[0]) for t, v in arrays.base[kind].items()},
+            "expert_own_scores": {t: float(arrays.experts[kind][t][t][0]) for t in info["held_in"]},
             # the base on held-in tasks, normalized by the experts: what merging must beat to keep any skill
-            "base_held_in_norm": normalized({t: kind.base_scores[t] for t in pool.held_in}, own)[0],
-            # a single expert on held-out tasks, normalized by the base: mean over experts
-            "expert_held_out_norm": _mean(experts_out),
+            "base_held_in_norm": interval(arrays.base_held_in(kind, info["held_in"])),
+            "expert_held_out_norm": interval(arrays.expert_held_out(kind, info["held_out"])),
         }
-    return info
+    return {
+        "cells": cells,
+        "references": references,
+        "held_in": list(info["held_in"]),
+        "held_out": list(info["held_out"]),
+        "gate": info.get("gate"),
+        "subsets": {str(n): [list(s) for s in subsets] for n, subsets in arrays.subsets.items()},
+        "replicates": arrays.draws.replicates,
+        "findings": findings(arrays, info),
+    }
 
 
-def _by_n(summary, kind: str, metric: str, method: str | None = None) -> dict[int, float]:
-    """metric per N for one method, or the mean over methods."""
-    methods = summary["cells"].get(kind, {})
-    chosen = [method] if method else list(methods)
-    out = {}
-    for n in sorted({int(n) for m in chosen for n in methods.get(m, {})}):
-        values = [methods[m][str(n)][metric] for m in chosen if str(n) in methods.get(m, {})]
-        mean = _mean(values)
-        if mean is not None:
-            out[n] = mean
+def _part(label: str, values: np.ndarray) -> dict[str, Any]:
+    estimate = interval(values)
+    return {"label": label, **estimate, "verdict": verdict(estimate)}
+
+
+def _finding(title: str, claim: str, parts: list[dict[str, Any]], absent: str | None = None) -> dict[str, Any]:
+    if absent:
+        return {"title": title, "claim": claim, "parts": [], "verdict": "not measured", "why": absent}
+    return {"title": title, "claim": claim, "parts": parts, "verdict": combined([p["verdict"] for p in parts])}
+
+
+def findings(arrays: _Arrays, info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The paper's four findings and evomerge's own question (does evolution's margin grow with N?), each as
+    differences the claim says are positive, with intervals and verdicts."""
+    kinds = arrays.kinds()
+    out = []
+    title, claim = "1. Instruction-tuned base merges better?", "merges from the instruction-tuned base score higher"
+    if {"plain", "it"} <= set(kinds):
+        out.append(_finding(title, claim, [
+            _part("held-in, it − plain (mean over methods and N)",
+                  arrays.over_methods("it", "held_in_norm") - arrays.over_methods("plain", "held_in_norm")),
+            _part("held-out, it − plain (mean over methods and N)",
+                  arrays.over_methods("it", "held_out_norm") - arrays.over_methods("plain", "held_out_norm")),
+        ]))
+    else:
+        out.append(_finding(title, claim, [], absent="this zoo has one base kind"))
+    out.append(_finding("2. Larger models merge better?", "merges of larger models score higher", [],
+                        absent="the study zoo has one model size (README: the second size was cut, with its cost)"))
+    parts = []
+    for kind in kinds:
+        sizes = arrays.sizes(kind)
+        if len(sizes) < 2:
+            continue
+        lo, hi = sizes[0], sizes[-1]
+        label = KIND_LABELS.get(kind, kind)
+        held_in_hi = arrays.over_methods(kind, "held_in_norm", hi)
+        held_out_hi, held_out_lo = (arrays.over_methods(kind, "held_out_norm", n) for n in (hi, lo))
+        parts += [
+            _part(f"{label}: experts − merges held-in at N={hi}", 1 - held_in_hi),
+            _part(f"{label}: held-out N={hi} − N={lo}", held_out_hi - held_out_lo),
+            _part(f"{label}: held-out merges at N={hi} − a single expert",
+                  held_out_hi - arrays.expert_held_out(kind, info["held_out"])),
+        ]
+    out.append(_finding("3. Held-in vs held-out as N grows",
+                        "merges trail the experts held-in but generalize better held-out than a single expert, more "
+                        "so with more experts", parts) if parts else
+               _finding("3. Held-in vs held-out as N grows", "", [], absent="fewer than two N"))
+    spreads = {}
+    for kind in kinds:
+        top = arrays.sizes(kind)[-1]
+        values = [by_n[top]["held_in_norm"] for m, by_n in arrays.cells[kind].items() if m != EVOLVED and top in by_n]
+        if len(values) > 1:
+            stacked = np.stack(values)
+            spreads[kind] = (top, np.max(stacked, axis=0) - np.min(stacked, axis=0))
+    title = "4. Methods similar at scale?"
+    claim = "the methods' held-in spread is smaller on the instruction-tuned base"
+    if {"plain", "it"} <= set(spreads):
+        out.append(_finding(title, claim, [_part(
+            f"held-in spread (max − min over methods) at N={spreads['plain'][0]}, plain − it",
+            spreads["plain"][1] - spreads["it"][1])]))
+    else:
+        out.append(_finding(title, claim, [], absent="needs both base kinds and two methods"))
+    parts = []
+    for kind in kinds:
+        sizes = [n for n in arrays.sizes(kind) if n in arrays.cells[kind].get(EVOLVED, {})]
+        if len(sizes) < 2:
+            continue
+        def margin(n: int) -> np.ndarray:
+            best = np.max(np.stack([arrays.cells[kind][m][n]["held_in_norm"] for m in arrays.uniform(kind)
+                                    if n in arrays.cells[kind][m]]), axis=0)
+            return arrays.cells[kind][EVOLVED][n]["held_in_norm"] - best
+        lo, hi = sizes[0], sizes[-1]
+        parts += [_part(f"{KIND_LABELS.get(kind, kind)}: evolved − best uniform method held-in at N={hi}", margin(hi)),
+                  _part(f"{KIND_LABELS.get(kind, kind)}: that margin at N={hi} − at N={lo}", margin(hi) - margin(lo))]
+    out.append(_finding("5. Does evolution's margin grow with N?", "a CMA-ES search over per-expert weights beats "
+                        "the best uniform method, by more with more experts", parts) if parts else
+               _finding("5. Does evolution's margin grow with N?", "", [], absent="no evolved merges at two N"))
     return out
 
 
-def _overall(summary, kind: str, metric: str) -> float | None:
-    return _mean(list(_by_n(summary, kind, metric).values()))
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def findings(summary: Mapping[str, Any]) -> list[str]:
-    """One paragraph per finding of the paper, each saying whether the miniature agrees, with its numbers."""
-    kinds = list(summary["cells"])
-    lines = []
-    # 1: instruction-tuned base
-    if {"plain", "it"} <= set(kinds):
-        p_in, i_in = _overall(summary, "plain", "held_in_norm"), _overall(summary, "it", "held_in_norm")
-        p_out, i_out = _overall(summary, "plain", "held_out_norm"), _overall(summary, "it", "held_out_norm")
-        agree_in, agree_out = (i_in or 0) > (p_in or 0), (i_out or 0) > (p_out or 0)
-        verdict = "agrees" if agree_in and agree_out else "partly agrees" if agree_in or agree_out else "does not agree"
-        if None in (p_in, i_in, p_out, i_out):
-            verdict = "cannot say (a reference score is 0, so a normalized mean is missing)"
-        lines.append(
-            f"**1. Instruction-tuned base merges better?** Mean over methods and N: held-in (normalized by the experts) "
-            f"{_f(i_in)} from the instruction-tuned base vs {_f(p_in)} from the plain base; held-out (normalized by "
-            f"each kind's own base) {_f(i_out)} vs {_f(p_out)}. The miniature {verdict}."
-        )
-    else:
-        lines.append("**1. Instruction-tuned base merges better?** Not measured: this zoo has one base kind.")
-    # 2: model size
-    lines.append("**2. Larger models merge better?** Not measured: the study zoo has one model size (see above).")
-    # 3: held-in vs held-out as N grows
-    parts, agree = [], []
-    for kind in kinds:
-        hin, hout = _by_n(summary, kind, "held_in_norm"), _by_n(summary, kind, "held_out_norm")
-        if len(hin) < 2:
-            continue
-        lo, hi = min(hin), max(hin)
-        ref = summary["references"][kind]["expert_held_out_norm"]
-        parts.append(
-            f"{KIND_LABELS.get(kind, kind)}: held-in {hin[lo]:.3f} at N={lo} → {hin[hi]:.3f} at N={hi}, held-out "
-            f"{_f(hout.get(lo))} → {_f(hout.get(hi))} (a single expert on held-out tasks: {_f(ref)})"
-        )
-        agree.append(hin[hi] < 1 and (hout.get(hi) or 0) >= (hout.get(lo) or 0) and (hout.get(hi) or 0) > (ref or 0))
-    if parts:
-        verdict = "agrees" if all(agree) else "partly agrees" if any(agree) else "does not agree"
-        lines.append(
-            "**3. Held-in vs held-out as N grows** (paper: merges trail the experts held-in but generalize better "
-            "held-out, more so with more experts). Mean over methods: " + "; ".join(parts) + f". The miniature {verdict}."
-        )
-    # 4: methods similar
-    parts = []
-    spreads = {}
-    for kind in kinds:
-        methods = summary["cells"][kind]
-        largest = max(int(n) for m in methods.values() for n in m)
-        values = {m: methods[m][str(largest)]["held_in_norm"] for m in methods
-                  if str(largest) in methods[m] and methods[m][str(largest)]["held_in_norm"] is not None}
-        out_values = {m: methods[m][str(largest)]["held_out_norm"] for m in methods if str(largest) in methods[m]}
-        if len(values) < 2:
-            continue
-        spreads[kind] = max(values.values()) - min(values.values())
-        parts.append(
-            f"{KIND_LABELS.get(kind, kind)} at N={largest}: held-in "
-            + ", ".join(f"{m} {v:.3f}" for m, v in values.items())
-            + f" (spread {spreads[kind]:.3f}); held-out " + ", ".join(f"{m} {_f(v)}" for m, v in out_values.items())
-        )
-    if parts:
-        if {"plain", "it"} <= set(spreads):
-            verdict = ("agrees: the methods are closer on the instruction-tuned base" if spreads["it"] < spreads["plain"]
-                       else "does not agree: the methods are not closer on the instruction-tuned base")
-        else:
-            verdict = "can only say how far apart the methods are here"
-        lines.append("**4. Methods similar at scale?** " + "; ".join(parts) + f". The miniature {verdict}.")
-    return lines
-
-
-def _f(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _ci(estimate: Mapping[str, float | None]) -> str:
+    if estimate["value"] is None:
+        return "n/a"
+    return f"{_f(estimate['value'])} [{_f(estimate['low'], 2)}, {_f(estimate['high'], 2)}]"
 
 
 def markdown(summary: Mapping[str, Any]) -> str:
@@ -162,17 +230,17 @@ def markdown(summary: Mapping[str, Any]) -> str:
             cells = []
             for n in sizes:
                 c = by_n.get(str(n))
-                cells.append("" if c is None else f"{_f(c['held_in_norm'])} / {_f(c['held_out_norm'])}")
+                cells.append("" if c is None else f"{_ci(c['held_in_norm'])} / {_ci(c['held_out_norm'])}")
             lines.append(f"| {kind} | {method} | " + " | ".join(cells) + " |")
-    refs = []
-    for kind, ref in summary["references"].items():
-        refs.append(f"{kind}: base held-in {_f(ref['base_held_in_norm'])}, single expert held-out "
-                    f"{_f(ref['expert_held_out_norm'])}")
-    subsets = sorted({c["subsets"] for kind in summary["cells"].values() for m in kind.values() for c in m.values()})
+    refs = [f"{kind}: base held-in {_ci(ref['base_held_in_norm'])}, single expert held-out "
+            f"{_ci(ref['expert_held_out_norm'])}" for kind, ref in summary["references"].items()]
+    counts = {n: len(s) for n, s in summary["subsets"].items()}
     lines.append("")
-    lines.append(f"Means over {'/'.join(map(str, subsets))} expert subsets per cell; held-in = merged score / the "
-                 f"task's own expert's score, held-out = merged score / that base kind's base score (test split). "
-                 f"References (same normalization): " + "; ".join(refs) + ".")
+    lines.append(
+        "Each cell: the mean over expert subsets (" + ", ".join(f"N={n}: {c}" for n, c in counts.items())
+        + ") with its bootstrap 95% interval over subsets and test questions (" + f"{summary['replicates']} "
+        "replicates); held-in = merged score / the task's own expert's score, held-out = merged score / that base "
+        "kind's base score (test split). References (same normalization): " + "; ".join(refs) + ".")
     return "\n".join(lines)
 
 
@@ -184,12 +252,30 @@ def experts_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {kind} base | " + " | ".join(f"{ref['base_scores'][t]:.2f}" for t in tasks) + " |")
         lines.append(f"| {kind} expert (own task) | " + " | ".join(
             f"{ref['expert_own_scores'][t]:.2f}" if t in ref["expert_own_scores"] else "–" for t in tasks) + " |")
+    gate = summary.get("gate")
+    if gate:
+        failed = ", ".join(f"{name} {score:.2f}" for name, score in gate["failed"].items())
+        lines.append("")
+        lines.append(f"Expert gate (each held-in expert ≥ {gate['threshold']} on its own test task): "
+                     + ("passed by every expert." if not failed else f"FAILED by {failed}."))
     return "\n".join(lines)
 
 
+def findings_markdown(summary: Mapping[str, Any]) -> list[str]:
+    paragraphs = []
+    for finding in summary["findings"]:
+        if finding["verdict"] == "not measured":
+            paragraphs.append(f"**{finding['title']}** Not measured: {finding['why']}.")
+            continue
+        parts = "; ".join(f"{p['label']}: {_ci(p)} ({p['verdict']})" for p in finding["parts"])
+        paragraphs.append(f"**{finding['title']}** Claim: {finding['claim']}. Differences the claim says are "
+                          f"positive, with 95% intervals: {parts}. The miniature **{finding['verdict']}**.")
+    return paragraphs
+
+
 def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
-    """study_methods.png: held-in and held-out normalized scores against N, a line per method, a column per base
-    kind (the paper's Figures 2-3); study_base_kinds.png: the mean over methods, a line per base kind."""
+    """study_methods.png: held-in and held-out normalized scores against N with their intervals, a line per method,
+    a column per base kind (the paper's Figures 2-3); study_base_kinds.png: a line per base kind, mean over methods."""
     kinds = list(summary["cells"])
     paths = []
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.4), dpi=120, squeeze=False, sharey="row")
@@ -197,14 +283,16 @@ def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
         for row, metric in enumerate(METRICS):
             ax = axes[row][col]
             for method, by_n in summary["cells"][kind].items():
-                ns = sorted(int(n) for n in by_n if by_n[n][metric] is not None)
-                ax.errorbar(ns, [by_n[str(n)][metric] for n in ns], yerr=[by_n[str(n)][f"{metric}_std"] for n in ns],
+                ns = sorted(int(n) for n in by_n if by_n[n][metric]["value"] is not None)
+                values = [by_n[str(n)][metric] for n in ns]
+                ax.errorbar(ns, [v["value"] for v in values],
+                            yerr=[[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]],
                             marker="o", capsize=3, label=method)
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=1,
                        label="expert" if metric == "held_in_norm" else "base")
             ax.set_title(f"{KIND_LABELS.get(kind, kind)}: {'held-in' if row == 0 else 'held-out'}", fontsize=9)
             ax.set_xlabel("experts merged (N)")
-            ax.set_ylabel("normalized score")
+            ax.set_ylabel("normalized score (95% interval)")
             ax.grid(alpha=0.3)
             ax.set_xticks(sorted({int(n) for m in summary["cells"][kind].values() for n in m}))
     axes[0][0].legend(fontsize=7)
@@ -216,7 +304,7 @@ def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), dpi=120)
     for ax, metric in zip(axes, METRICS):
         for kind in kinds:
-            by_n = _by_n(summary, kind, metric)
+            by_n = _mean_over_methods(summary, kind, metric)
             ax.plot(list(by_n), list(by_n.values()), marker="o", label=KIND_LABELS.get(kind, kind))
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_title(f"{'held-in' if metric == 'held_in_norm' else 'held-out'} (mean over methods)", fontsize=9)
@@ -231,11 +319,22 @@ def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def _mean_over_methods(summary: Mapping[str, Any], kind: str, metric: str) -> dict[int, float]:
+    methods = {m: by_n for m, by_n in summary["cells"][kind].items() if m != EVOLVED}
+    out = {}
+    for n in sorted({int(n) for by_n in methods.values() for n in by_n}):
+        values = [by_n[str(n)][metric]["value"] for by_n in methods.values() if str(n) in by_n]
+        values = [v for v in values if v is not None]
+        if values:
+            out[n] = sum(values) / len(values)
+    return out
+
+
 def report_markdown(summary: Mapping[str, Any]) -> str:
     """study.md: the table, the references and the findings, as pasted into the README."""
     return "\n\n".join([
         markdown(summary),
         "Test-split scores the normalization divides by (primary metric):",
         experts_markdown(summary),
-        *findings(summary),
+        *findings_markdown(summary),
     ]) + "\n"

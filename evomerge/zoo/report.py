@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from evomerge.eval.evaluator import Evaluator, ResultCache
+from evomerge.eval.significance import row_values
 from evomerge.eval.task import CompositeTask, load_task
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.modelio import load_model, load_tokenizer
@@ -34,6 +35,12 @@ class TaskSuite:
             name: Evaluator(task, split, tokenizer, batch_size=64, cache=ResultCache(keep_samples=False), progress=False)
             for name, task in plain.items()
         }
+
+    def outcomes(self, model: torch.nn.Module) -> dict[str, list[int]]:
+        """Per plain task, each row's 0/1 outcome in its primary metric (their mean is the task's score): what a
+        bootstrap over questions resamples. Generated afresh: a cached result keeps no rows."""
+        return {name: [int(o) for o in row_values(ev.task, ev.evaluate(model).samples, "score")[1]]
+                for name, ev in self.evaluators.items()}
 
     def scores(self, model: torch.nn.Module, key: str) -> dict[str, dict[str, Any]]:
         plain = {name: ev.evaluate(model, key).metrics for name, ev in self.evaluators.items()}

@@ -48,7 +48,7 @@ from evomerge.zoo.study_tasks import (
 )
 from evomerge.zoo.train import finetune, mean_tail
 
-STUDY_SPEC_VERSION = 1  # bump when code changes what a study spec builds
+STUDY_SPEC_VERSION = 2  # bump when code changes what a study spec builds
 BASE_KINDS = ("plain", "it")
 
 
@@ -65,11 +65,13 @@ class StudyZooSpec:
     held_out: tuple[str, ...] = ("toy_ja_math", "toy_max", "toy_qa_generic")
     split_sizes: dict[str, int] = field(default_factory=lambda: {"search": 50, "test": 100})
     expert_examples: int = 4000
-    expert_steps: int = 300
-    expert_lr: float = 5e-4
+    expert_steps: int = 400
+    expert_steps_for: dict[str, int] = field(default_factory=dict)  # tasks that need more steps than expert_steps
+    expert_lr: float = 1e-3
     instruct_examples: int = 4000
     instruct_steps: int = 200
     instruct_lr: float = 3e-4
+    expert_gate: float = 0.8  # what each held-in expert must score on its own test task (the report says who fails)
 
     @classmethod
     def from_dict(cls, values: dict) -> StudyZooSpec:
@@ -83,6 +85,9 @@ class StudyZooSpec:
         if "foundation" in values:
             values["foundation"] = dict(values["foundation"])
         spec = cls(**values)
+        if set(spec.expert_steps_for) - set(spec.held_in):
+            raise ValueError(f"study zoo: expert_steps_for names tasks that are not held in: "
+                             f"{sorted(set(spec.expert_steps_for) - set(spec.held_in))}")
         unknown_tasks = [t for t in (*spec.held_in, *spec.held_out) if t not in STUDY_EXAMPLES and t not in corpus.EXAMPLES]
         if unknown_tasks:
             raise ValueError(f"study zoo: no generator for task(s) {unknown_tasks}")
@@ -222,27 +227,38 @@ def _train_experts(spec: StudyZooSpec, foundation: Path, work: Path) -> None:
             examples = study_training_examples(task_name, spec.seed, spec.expert_examples, exclude)
             pairs = [(task.build_prompt(e.question), e.completion) for e in examples]
             model = load_model(base_dir(work, kind))
-            losses = finetune(model, tokenizer, pairs, steps=spec.expert_steps, batch_size=spec.foundation_spec.batch_size,
+            steps = spec.expert_steps_for.get(task_name, spec.expert_steps)
+            losses = finetune(model, tokenizer, pairs, steps=steps, batch_size=spec.foundation_spec.batch_size,
                               lr=spec.expert_lr, seed=spec.seed, desc=f"study zoo: {kind}/{task_name}")
             _save(model, tokenizer, out, {"final_loss": mean_tail(losses), "task": task_name, "base": kind})
 
 
 def study_report(zoo: Path, spec: StudyZooSpec) -> dict:
     """Test split: each base on every task, each expert on its own task and the held-out tasks (what the study
-    normalizes by): {"kinds": {kind: {"base": scores, "experts": {task: scores}}}}."""
+    normalizes by), each as its score and its 0/1 rows (what the study's bootstrap resamples), and the expert gate:
+    {"kinds": {kind: {"base": {task: {"score", "rows"}}, "experts": {task: {...}}}}, "gate": ...}."""
     suites = {task: TaskSuite(zoo, [task], "test") for task in (*spec.held_in, *spec.held_out)}
 
-    def scores(model, key: str, tasks) -> dict:
-        return {task: suites[task].scores(model, key)[task] for task in tasks}
+    def scores(model, tasks) -> dict:
+        rows = {task: suites[task].outcomes(model)[task] for task in tasks}
+        return {task: {"score": round(sum(r) / len(r), 4), "rows": r} for task, r in rows.items()}
 
     report: dict = {"held_in": list(spec.held_in), "held_out": list(spec.held_out), "kinds": {}}
     for kind in BASE_KINDS:
-        entry = {"base": scores(load_model(base_dir(zoo, kind)), f"{kind}/base", suites), "experts": {}}
+        entry = {"base": scores(load_model(base_dir(zoo, kind)), suites), "experts": {}}
         for task in spec.held_in:
-            entry["experts"][task] = scores(load_model(expert_dir(zoo, kind, task)), f"{kind}/{task}",
-                                            [task, *spec.held_out])
+            entry["experts"][task] = scores(load_model(expert_dir(zoo, kind, task)), [task, *spec.held_out])
         report["kinds"][kind] = entry
+    report["gate"] = expert_gate(report, spec.expert_gate)
     return report
+
+
+def expert_gate(report: dict, threshold: float) -> dict:
+    """Each held-in expert must score at least `threshold` on its own test task, or "held-in normalized by the
+    expert" divides by noise; the experts below it, by name."""
+    own = {f"{kind}/{task}": scores[task]["score"] for kind, entry in report["kinds"].items()
+           for task, scores in entry["experts"].items()}
+    return {"threshold": threshold, "failed": {name: score for name, score in own.items() if score < threshold}}
 
 
 def format_study_report(report: dict) -> str:
@@ -254,6 +270,10 @@ def format_study_report(report: dict) -> str:
         for name, scores in rows.items():
             lines.append(f"{name:<22}" + "".join(f"{scores[t]['score']:>10.3f}" if t in scores else f"{'-':>10}"
                                                   for t in tasks))
+    gate = report["gate"]
+    lines.append(f"expert gate (own test task >= {gate['threshold']}): " + (
+        "passed by every expert" if not gate["failed"] else
+        "FAILED by " + ", ".join(f"{name} {score:.2f}" for name, score in gate["failed"].items())))
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@ child so a test can SIGKILL it mid-merge, mid-eval or mid-checkpoint-write, and 
 ("merge" before `InMemoryMerger.merge`, "eval" before `Evaluator.evaluate`, "checkpoint" around run.py's
 save_checkpoint, "idle" after each), so the killer can aim at a phase and, after the kill, read which phase was
 running. `os` as seen by `evomerge.search.run` is wrapped so that every fsync and every rename of a checkpoint
-takes a few milliseconds, which widens the moments a kill can land inside a checkpoint write. A few candidates
-fail on purpose after their real merge and evaluation (the first genome value above SAFE_LIMIT), so failed
-candidates are replayed on resume too.
+takes a few milliseconds, and so does every merge, which widens the moments a kill can land inside a checkpoint
+write or a merge (an in-memory merge of the micro zoo is sub-millisecond: kills aimed at it landed in the
+evaluation). A few candidates fail on purpose after their real merge and evaluation (the first genome value above
+SAFE_LIMIT), so failed candidates are replayed on resume too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from evomerge.search.racing import fitness_schedule
 from evomerge.search.run import Budget, run_search
 
 CHECKPOINT_SECONDS = {"fsync": 0.004, "rename": 0.015}
+MERGE_SECONDS = 0.02  # added to each merge of a slowed life: an in-memory merge of the micro zoo takes ~0.1 ms
 POPSIZE = 4
 SAFE_LIMIT = 1.3  # candidates whose first weight is above it fail after merging and evaluating (~1 in 9)
 
@@ -50,6 +52,16 @@ def traced(trace: Trace, phase: str, function):
         result = function(*args, **kwargs)
         trace("idle")
         return result
+
+    return wrapper
+
+
+def slowed(function, seconds: float):
+    """`function`, taking `seconds` longer: a phase too short for a kill to land in reliably gets room."""
+
+    def wrapper(*args, **kwargs):
+        time.sleep(seconds)
+        return function(*args, **kwargs)
 
     return wrapper
 
@@ -117,7 +129,8 @@ def search(run_dir: Path, trace_path: Path, generations: int, home: Path, slow: 
     schedule = fitness_schedule(OmegaConf.to_container(cfg.fitness))
     race = make_race(cfg, problem, schedule, make_optimizer().parents) if schedule is not None else None
     trace = Trace(trace_path)
-    problem.merger.merge = traced(trace, "merge", problem.merger.merge)
+    merge = slowed(problem.merger.merge, MERGE_SECONDS) if slow else problem.merger.merge
+    problem.merger.merge = traced(trace, "merge", merge)
     problem.evaluator.evaluate = traced(trace, "eval", problem.evaluator.evaluate)
     problem.evaluator.evaluate_rows = traced(trace, "eval", problem.evaluator.evaluate_rows)
     run_module.save_checkpoint = traced(trace, "checkpoint", run_module.save_checkpoint)
