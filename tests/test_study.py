@@ -281,3 +281,14 @@ def test_an_old_results_file_is_refused_in_one_line():
     del records[0]["rows"]
     with pytest.raises(ValueError, match="older evomerge study"):
         summarize(records, info)
+
+
+def test_a_slope_uses_every_n():
+    """A quantity that rises then falls back has a zero end-to-end difference but not a zero slope, and a straight
+    line's slope is exact in every replicate."""
+    from evomerge.study.intervals import slope
+
+    line = [np.full(5, 0.1 * n) for n in (2, 4, 6, 8)]
+    assert np.allclose(slope([2, 4, 6, 8], line), 0.1)
+    bump = [np.full(3, v) for v in (0.0, 1.0, 0.0, 0.0)]
+    assert np.allclose(slope([2, 4, 6, 8], bump), -0.05)

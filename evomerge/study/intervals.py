@@ -65,6 +65,14 @@ def mean_of(values: Iterable[np.ndarray]) -> np.ndarray:
     return _nanmean(np.stack(list(values)), axis=0)
 
 
+def slope(xs: Sequence[float], values: Sequence[np.ndarray]) -> np.ndarray:
+    """The least-squares slope of `values` against `xs` in every replicate: does a quantity grow with N, using
+    every N rather than the two ends."""
+    x = np.asarray(xs, dtype=float) - np.mean(xs)
+    y = np.stack(list(values))  # x x replicate
+    return (x @ (y - y.mean(axis=0))) / (x @ x)
+
+
 def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
     """The mean of the defined values; NaN (quietly) where none is."""
     with warnings.catch_warnings(action="ignore", category=RuntimeWarning):

@@ -19,7 +19,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from evomerge.study.intervals import Draws, combined, interval, mean_of, normalized, verdict
+from evomerge.study.intervals import Draws, combined, interval, mean_of, normalized, slope, verdict
 from evomerge.study.run import EVOLVED
 
 KIND_LABELS = {"plain": "plain pretrained base", "it": "instruction-tuned base"}
@@ -164,15 +164,14 @@ def findings(arrays: _Arrays, info: Mapping[str, Any]) -> list[dict[str, Any]]:
         sizes = arrays.sizes(kind)
         if len(sizes) < 2:
             continue
-        lo, hi = sizes[0], sizes[-1]
+        hi = sizes[-1]
         label = KIND_LABELS.get(kind, kind)
-        held_in_hi = arrays.over_methods(kind, "held_in_norm", hi)
-        held_out_hi, held_out_lo = (arrays.over_methods(kind, "held_out_norm", n) for n in (hi, lo))
+        held_out = {n: arrays.over_methods(kind, "held_out_norm", n) for n in sizes}
         parts += [
-            _part(f"{label}: experts − merges held-in at N={hi}", 1 - held_in_hi),
-            _part(f"{label}: held-out N={hi} − N={lo}", held_out_hi - held_out_lo),
+            _part(f"{label}: experts − merges held-in at N={hi}", 1 - arrays.over_methods(kind, "held_in_norm", hi)),
+            _part(f"{label}: held-out slope per added expert (N={sizes[0]}..{hi})", slope(sizes, held_out.values())),
             _part(f"{label}: held-out merges at N={hi} − a single expert",
-                  held_out_hi - arrays.expert_held_out(kind, info["held_out"])),
+                  held_out[hi] - arrays.expert_held_out(kind, info["held_out"])),
         ]
     out.append(_finding("3. Held-in vs held-out as N grows",
                         "merges trail the experts held-in but generalize better held-out than a single expert, more "
@@ -202,9 +201,10 @@ def findings(arrays: _Arrays, info: Mapping[str, Any]) -> list[dict[str, Any]]:
             best = np.max(np.stack([arrays.cells[kind][m][n]["held_in_norm"] for m in arrays.uniform(kind)
                                     if n in arrays.cells[kind][m]]), axis=0)
             return arrays.cells[kind][EVOLVED][n]["held_in_norm"] - best
-        lo, hi = sizes[0], sizes[-1]
-        parts += [_part(f"{KIND_LABELS.get(kind, kind)}: evolved − best uniform method held-in at N={hi}", margin(hi)),
-                  _part(f"{KIND_LABELS.get(kind, kind)}: that margin at N={hi} − at N={lo}", margin(hi) - margin(lo))]
+        label, hi = KIND_LABELS.get(kind, kind), sizes[-1]
+        parts += [_part(f"{label}: evolved − best uniform method held-in at N={hi}", margin(hi)),
+                  _part(f"{label}: that margin's slope per added expert (N={sizes[0]}..{hi})",
+                        slope(sizes, [margin(n) for n in sizes]))]
     out.append(_finding("5. Does evolution's margin grow with N?", "a CMA-ES search over per-expert weights beats "
                         "the best uniform method, by more with more experts", parts) if parts else
                _finding("5. Does evolution's margin grow with N?", "", [], absent="no evolved merges at two N"))
