@@ -12,31 +12,21 @@ larger size with the study zoo's size measured here. Needs the default zoo (buil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
-import torch
 import yaml
-from transformers import MistralConfig, MistralForCausalLM
 
 from evomerge.eval.evaluator import Evaluator
 from evomerge.eval.task import load_task
 from evomerge.modelio import load_tokenizer
 from evomerge.resources import CONF_DIR
 from evomerge.zoo import corpus
-from evomerge.zoo.build import build_zoo, reproducible_torch
+from evomerge.zoo.build import build_zoo, new_base, reproducible_torch
 from evomerge.zoo.study_zoo import load_study_zoo_spec
 from evomerge.zoo.train import finetune, pretrain
 
 SIZES = {"study zoo (1x)": (128, 384), "larger (~4x)": (256, 768)}
-
-
-def model_of(tokenizer, hidden: int, intermediate: int, spec) -> MistralForCausalLM:
-    torch.manual_seed(0)
-    return MistralForCausalLM(MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-        max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
 def main() -> None:
@@ -56,7 +46,8 @@ def main() -> None:
     rows = {}
     with reproducible_torch():
         for name, (hidden, intermediate) in SIZES.items():
-            model = model_of(tokenizer, hidden, intermediate, spec)
+            model = new_base(dataclasses.replace(spec, hidden_size=hidden, intermediate_size=intermediate),
+                             tokenizer)
             params = sum(p.numel() for p in model.parameters())
             pretrain(model, tokenizer, documents, steps=1, batch_size=spec.batch_size, seq_len=spec.seq_len,
                      lr=spec.pretrain_lr, seed=0, desc="warm-up")

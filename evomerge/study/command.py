@@ -1,8 +1,8 @@
 """`evomerge study`: build (or find) the study zoo, run every merge of the study, and write the summary.
 
-Settings come from `evomerge/conf/study/default.yaml`, with `+study.<key>=...` overrides on top (or `+study=<file>` for
-another file under evomerge/conf/study/). The run writes into Hydra's run directory (`outputs/study/<date_time>/`), or into
-`resume=<dir>` to finish a run that was cut short: `results.jsonl` (one line per merge), `summary.json`,
+Settings come from `evomerge/conf/study/default.yaml`, with `+study.<key>=...` overrides on top (or `study=<name>`
+for another file under evomerge/conf/study/, e.g. `study=quick`). The run writes into Hydra's run directory
+(`outputs/study/<date_time>/`), or into `resume=<dir>` to finish a run that was cut short: `results.jsonl` (one line per merge), `summary.json`,
 `study.md` (the table and findings) and `study_methods.png`, `study_base_kinds.png`.
 """
 

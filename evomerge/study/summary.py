@@ -127,6 +127,10 @@ def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], see
         "gate": info.get("gate"),
         "subsets": {str(n): [list(s) for s in subsets] for n, subsets in arrays.subsets.items()},
         "replicates": arrays.draws.replicates,
+        # the mean over the uniform methods per kind, metric and N (the paper's base-kind curves)
+        "over_methods": {kind: {metric: {str(n): interval(arrays.over_methods(kind, metric, n))
+                                         for n in arrays.sizes(kind)} for metric in METRICS}
+                         for kind in arrays.kinds()},
         "findings": findings(arrays, info),
     }
 
@@ -275,7 +279,8 @@ def findings_markdown(summary: Mapping[str, Any]) -> list[str]:
 
 def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
     """study_methods.png: held-in and held-out normalized scores against N with their intervals, a line per method,
-    a column per base kind (the paper's Figures 2-3); study_base_kinds.png: a line per base kind, mean over methods."""
+    a column per base kind (the paper's Figures 2-3); study_base_kinds.png: a line per base kind, mean over the
+    uniform methods, with its interval."""
     kinds = list(summary["cells"])
     paths = []
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.4), dpi=120, squeeze=False, sharey="row")
@@ -304,8 +309,10 @@ def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), dpi=120)
     for ax, metric in zip(axes, METRICS):
         for kind in kinds:
-            by_n = _mean_over_methods(summary, kind, metric)
-            ax.plot(list(by_n), list(by_n.values()), marker="o", label=KIND_LABELS.get(kind, kind))
+            by_n = {int(n): v for n, v in summary["over_methods"][kind][metric].items() if v["value"] is not None}
+            values = list(by_n.values())
+            ax.errorbar(list(by_n), [v["value"] for v in values], marker="o", capsize=3,
+                        label=KIND_LABELS.get(kind, kind), yerr=[[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]])
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_title(f"{'held-in' if metric == 'held_in_norm' else 'held-out'} (mean over methods)", fontsize=9)
         ax.set_xlabel("experts merged (N)")
@@ -317,17 +324,6 @@ def plot(summary: Mapping[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1])
     plt.close(fig)
     return paths
-
-
-def _mean_over_methods(summary: Mapping[str, Any], kind: str, metric: str) -> dict[int, float]:
-    methods = {m: by_n for m, by_n in summary["cells"][kind].items() if m != EVOLVED}
-    out = {}
-    for n in sorted({int(n) for by_n in methods.values() for n in by_n}):
-        values = [by_n[str(n)][metric]["value"] for by_n in methods.values() if str(n) in by_n]
-        values = [v for v in values if v is not None]
-        if values:
-            out[n] = sum(values) / len(values)
-    return out
 
 
 def report_markdown(summary: Mapping[str, Any]) -> str:

@@ -220,13 +220,8 @@ def _stage_done(path: Path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
-def _train_base(spec: ZooSpec, work: Path) -> None:
-    out = work / "base"
-    if _stage_done(out):
-        return
-    held_out = {e.question for splits in _eval_splits(spec).values() for rows in splits.values() for e in rows}
-    documents = corpus.pretraining_documents(spec.seed, spec.pretrain_documents, spec.pretrain_qa_fraction, held_out)
-    tokenizer = train_tokenizer(documents[: max(2000, len(documents) // 10)], spec.vocab_size)
+def new_base(spec: ZooSpec, tokenizer) -> MistralForCausalLM:
+    """The zoo's untrained base: a Mistral of the spec's size, initialized from the spec's seed."""
     config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -241,7 +236,17 @@ def _train_base(spec: ZooSpec, work: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = MistralForCausalLM(config)
+    return MistralForCausalLM(config)
+
+
+def _train_base(spec: ZooSpec, work: Path) -> None:
+    out = work / "base"
+    if _stage_done(out):
+        return
+    held_out = {e.question for splits in _eval_splits(spec).values() for rows in splits.values() for e in rows}
+    documents = corpus.pretraining_documents(spec.seed, spec.pretrain_documents, spec.pretrain_qa_fraction, held_out)
+    tokenizer = train_tokenizer(documents[: max(2000, len(documents) // 10)], spec.vocab_size)
+    model = new_base(spec, tokenizer)
     losses = pretrain(
         model, tokenizer, documents, steps=spec.pretrain_steps, batch_size=spec.batch_size,
         seq_len=spec.seq_len, lr=spec.pretrain_lr, seed=spec.seed, desc="zoo: base",
