@@ -6,6 +6,8 @@ the input at fault; the CLI prints it as ``evomerge <command>: error: <message>`
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class MergeError(ValueError):
     """A recipe cannot be applied to its checkpoints; the message names the model and tensor at fault."""
@@ -41,3 +43,12 @@ class ModelLoadError(ValueError):
 
 class LanguageModelMissingError(FileNotFoundError):
     """lid.176.ftz (or the fastText runtime) is not installed, so the Japanese check cannot run."""
+
+
+def settings_problem(error: ValidationError, prefix: str) -> str:
+    """pydantic's first problem with a settings block as one line naming the key as typed on the command line:
+    `<prefix><key>=<the value given>: <what is wrong>`."""
+    problem = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in problem["loc"])
+    given = "(missing)" if problem["type"] == "missing" else repr(problem["input"])
+    return f"{prefix}{key}={given}: {problem['msg']}"

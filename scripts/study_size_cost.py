@@ -1,6 +1,7 @@
-"""What a second, ~4x larger study zoo would cost on this machine (issue 21, item 3), measured, not guessed.
+"""What the study's second model size costs on this machine (issue 21, item 3), projected in a few minutes.
 
-Times, at the study zoo's size and at a ~4x one (hidden 256, intermediate 768: the same recipe otherwise), a few
+Times, at the study zoo's size and at study_4x's (evomerge/conf/zoo/study_4x.yaml: the same recipe on a ~4x larger
+foundation, hidden 256 and intermediate 768), a few
 pretraining steps, a few expert fine-tuning steps and one held-in evaluation (50 search questions), all in the same
 run on the same data with the zoo's build threads, and projects the whole build (base pretraining, instruction tune,
 16 experts) and the study's merges-and-scoring from the study zoo's own step counts. The ratio column compares the
@@ -12,7 +13,6 @@ larger size with the study zoo's size measured here. Needs the default zoo (buil
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import yaml
@@ -26,7 +26,7 @@ from evomerge.zoo.build import build_zoo, new_base, reproducible_torch
 from evomerge.zoo.study_zoo import load_study_zoo_spec
 from evomerge.zoo.train import finetune, pretrain
 
-SIZES = {"study zoo (1x)": (128, 384), "larger (~4x)": (256, 768)}
+SIZES = {"study zoo (1x)": "study", "study_4x": "study_4x"}  # label: evomerge/conf/zoo/<name>.yaml
 
 
 def main() -> None:
@@ -45,9 +45,9 @@ def main() -> None:
     expert_steps = sum(study.expert_steps_for.get(t, study.expert_steps) for t in study.held_in) * 2  # both kinds
     rows = {}
     with reproducible_torch():
-        for name, (hidden, intermediate) in SIZES.items():
-            model = new_base(dataclasses.replace(spec, hidden_size=hidden, intermediate_size=intermediate),
-                             tokenizer)
+        for name, config in SIZES.items():
+            sized = load_study_zoo_spec(yaml.safe_load((CONF_DIR / "zoo" / f"{config}.yaml").read_text()))
+            model = new_base(sized.foundation_spec, tokenizer)
             params = sum(p.numel() for p in model.parameters())
             pretrain(model, tokenizer, documents, steps=1, batch_size=spec.batch_size, seq_len=spec.seq_len,
                      lr=spec.pretrain_lr, seed=0, desc="warm-up")
@@ -75,7 +75,7 @@ def main() -> None:
               f"{row['eval']:>15.2f}{row['build'] / 60:>13.1f} min{row['build'] / reference['build']:>8.2f}")
     print(f"projected build = {spec.pretrain_steps} pretraining + {study.instruct_steps} instruction + "
           f"{expert_steps} expert fine-tuning steps (the study zoo's recipe); the study's merges are scored by "
-          f"generation, which the eval column scales (ratio {rows['larger (~4x)']['eval'] / reference['eval']:.2f})")
+          f"generation, which the eval column scales (ratio {rows['study_4x']['eval'] / reference['eval']:.2f})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and the bootstrap behind every interval and verdict on synthetic rows whose answ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -14,20 +15,21 @@ from evomerge.cli import main
 from evomerge.resources import CONF_DIR
 from evomerge.study.command import study
 from evomerge.study.intervals import Draws, combined, interval, verdict
-from evomerge.study.run import EVOLVED, expert_subsets, load_pool, method_grid, normalized
+from evomerge.study.run import EVOLVED, BaseKind, expert_gate, expert_subsets, load_pool, method_grid, normalized
 from evomerge.study.summary import report_markdown, summarize
 from evomerge.zoo import corpus
 from evomerge.zoo.build import ZooSpec
 from evomerge.zoo.study_tasks import (
+    COMPLETION,
     STUDY_EXAMPLES,
+    Pretraining,
     instruction_pairs,
     study_task_splits,
     study_training_examples,
 )
 from evomerge.zoo.study_zoo import (
     StudyZooSpec,
-    _pretraining_questions,
-    expert_gate,
+    _pretraining,
     load_study_zoo_spec,
 )
 
@@ -36,15 +38,16 @@ CONF = CONF_DIR
 
 def _settings(**changes):
     settings = yaml.safe_load((CONF / "study" / "default.yaml").read_text())
-    settings.update(zoo="micro", sizes=[2], subsets=1, methods={"linear": {}},
-                    evolved={**settings["evolved"], "generations": 2, "popsize": 3}, **changes)
+    settings.update({"zoos": ["micro"], "sizes": [2], "subsets": 1, "methods": {"linear": {}},
+                     "evolved": {**settings["evolved"], "generations": 2, "popsize": 3}, **changes})
     return settings
 
 
 def test_study_zoos_stand_on_the_default_zoos_unchanged():
     """The study must not change the default zoo: its foundation is exactly the spec `evomerge search` builds
     (hence the same directory), and the micro study zoo's is the micro zoo's."""
-    for study_file, zoo_file in [("study.yaml", "full.yaml"), ("study_micro.yaml", "micro.yaml")]:
+    for study_file, zoo_file in [("study.yaml", "full.yaml"), ("study_micro.yaml", "micro.yaml"),
+                                 ("study_4x.yaml", "full_4x.yaml")]:
         foundation = load_study_zoo_spec(yaml.safe_load((CONF / "zoo" / study_file).read_text())).foundation_spec
         zoo = ZooSpec.from_dict(yaml.safe_load((CONF / "zoo" / zoo_file).read_text()))
         assert foundation.to_dict() == zoo.to_dict() and foundation.hash == zoo.hash
@@ -95,9 +98,25 @@ def test_tiny_study_on_the_micro_zoo(micro_zoo_home, tmp_path):
     assert timeless(fresh) == timeless(out)
 
 
+def test_two_model_sizes_share_one_run(micro_zoo_home, tmp_path):
+    """`zoos` lists one zoo per model size: the second's kinds are named after it, merged on the same subsets and
+    scored on the same questions, so finding 2 is a paired difference (here the same zoo twice: exactly 0)."""
+    out = tmp_path / "sizes"
+    summary = study(_settings(zoos=["micro", "micro"], evolved=None), micro_zoo_home, out, log=lambda *_: None)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["subset"]) for r in records] == [("plain", ["toy_en_math", "toy_ja_qa"]),
+                                                           ("plain@micro", ["toy_en_math", "toy_ja_qa"])]
+    assert records[0]["rows"] == records[1]["rows"]
+    assert [zoo["kinds"] for zoo in summary["zoos"]] == [["plain"], ["plain@micro"]]
+    second = summary["findings"][1]
+    assert second["verdict"] != "not measured"
+    assert all(p["value"] in (0, None) and p["low"] in (0, None) and p["high"] in (0, None) for p in second["parts"])
+    assert "Model sizes: micro" in (out / "study.md").read_text()
+
+
 def test_study_command_line(micro_zoo_home, tmp_path):
     out = tmp_path / "cli"
-    main(["study", f"home={micro_zoo_home}", f"hydra.run.dir={out}", "+study.zoo=micro", "+study.sizes=[2]",
+    main(["study", f"home={micro_zoo_home}", f"hydra.run.dir={out}", "+study.zoos=[micro]", "+study.sizes=[2]",
           "+study.subsets=1", "+study.methods={task_arithmetic: {lambda: [0.5, 1.0]}}", "+study.evolved=null"])
     record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert record["method"] == "task_arithmetic" and len(record["grid"]) == 2
@@ -120,6 +139,32 @@ def test_the_quick_study_runs_every_stage(micro_zoo_home, tmp_path):
     assert [f["title"][:2] for f in summary["findings"]] == ["1.", "2.", "3.", "4.", "5."]
     assert all(f["verdict"] in {"agrees", "disagrees", "undetermined", "not measured"} for f in summary["findings"])
     assert "Expert gate" in (out / "study.md").read_text()
+
+
+@pytest.mark.parametrize("given, problem", [
+    ({"sizes": "two"}, "study.sizes='two': Input should be a valid list"),
+    ({"sizes": [0, 2]}, "study.sizes.0=0: Input should be greater than or equal to 1"),
+    ({"zoo": "study"}, "study.zoo='study': Extra inputs are not permitted"),
+    ({"evolved": {"popsize": 1}}, "study.evolved.popsize=1: Input should be greater than or equal to 2"),
+])
+def test_bad_study_settings_are_named_in_one_line(given, problem):
+    from omegaconf import OmegaConf
+
+    from evomerge.study.command import study_settings
+
+    with pytest.raises(ValueError, match=problem.replace(".", r"\.").replace("(", r"\(")) as caught:
+        study_settings(OmegaConf.create({"study": given}))
+    assert "\n" not in str(caught.value)
+
+
+def test_study_settings_merge_evolved_and_replace_methods():
+    from omegaconf import OmegaConf
+
+    from evomerge.study.command import study_settings
+
+    settings = study_settings(OmegaConf.create({"study": {"methods": {"linear": {}}, "evolved": {"popsize": 4}}}))
+    assert settings["methods"] == {"linear": {}}
+    assert settings["evolved"]["popsize"] == 4 and settings["evolved"]["generations"] == 3
 
 
 def test_subsets_are_distinct_seeded_and_shared():
@@ -153,13 +198,21 @@ def test_study_task_rows_are_scored_right_by_their_task(task):
 
 def test_study_data_never_reaches_training():
     micro = load_study_zoo_spec(yaml.safe_load((CONF / "zoo" / "study_micro.yaml").read_text()))
-    pretraining = _pretraining_questions(micro.foundation_spec)
+    pretraining = _pretraining(micro.foundation_spec)
     splits = study_task_splits("toy_en_qa", 0, {"search": 20, "test": 40}, pretraining)
     held = {e.question for rows in splits.values() for e in rows}
-    assert len(held) == 60 and not held & pretraining
+    assert len(held) == 60 and not held & pretraining.questions
+    # a held-out completion (the base's pretraining form) is never a piece of pretraining text
+    for task in COMPLETION:
+        rows = study_task_splits(task, 0, {"test": 40}, pretraining)["test"]
+        assert not any(e.question in pretraining.text for e in rows)
+        # a row the text holds is skipped: the same draw against a text that contains its first row
+        seen = Pretraining(frozenset(), pretraining.text + "\n\n" + rows[0].question + rows[0].completion)
+        assert study_task_splits(task, 0, {"test": 40}, seen)["test"] == rows[1:] + [
+            study_task_splits(task, 0, {"test": 41}, pretraining)["test"][-1]]
     assert not {q for q, _ in instruction_pairs(0, 500, held)} & {f"Q: {q}\nA:" for q in held}
     # translation: a held-out sentence is kept out of training on both sides
-    en_ja = study_task_splits("toy_en_ja", 0, {"test": 50}, set())["test"]
+    en_ja = study_task_splits("toy_en_ja", 0, {"test": 50}, Pretraining(frozenset(), ""))["test"]
     keys = {e.question for e in en_ja} | {e.answer for e in en_ja}
     train = study_training_examples("toy_ja_en", 0, 300, keys)
     assert not {e.question for e in train} & keys and not {e.answer for e in train} & keys
@@ -171,6 +224,10 @@ def test_study_zoo_spec_hash_covers_the_foundation():
     values = yaml.safe_load((CONF / "zoo" / "study.yaml").read_text())
     spec = load_study_zoo_spec(values)
     other = load_study_zoo_spec({**values, "foundation": "micro"})
+    # the second model size is the same recipe on a ~4x larger foundation, and nothing else
+    larger = load_study_zoo_spec(yaml.safe_load((CONF / "zoo" / "study_4x.yaml").read_text()))
+    assert dataclasses.replace(larger, variant=spec.variant, foundation=spec.foundation) == spec
+    assert (larger.foundation_spec.hidden_size, larger.foundation_spec.intermediate_size) == (256, 768)
     assert spec.foundation_spec.hash != other.foundation_spec.hash and spec.hash != other.hash
     with pytest.raises(ValueError, match="toy_nope"):
         StudyZooSpec.from_dict({"held_in": ["toy_nope"]})
@@ -179,7 +236,7 @@ def test_study_zoo_spec_hash_covers_the_foundation():
 def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
     pool = load_pool("study_micro", micro_zoo_home)  # built here, on the micro zoo the session already has
     assert [kind.name for kind in pool.kinds] == ["plain", "it"]
-    assert pool.held_in == ("toy_ja_qa", "toy_en_math", "toy_sort", "toy_en_ja") and pool.held_out == ("toy_ja_math", "toy_max")
+    assert pool.held_in == ("toy_ja_qa", "toy_en_math", "toy_sort", "toy_en_ja") and pool.held_out == ("toy_ja_math", "toy_equations")
     for kind in pool.kinds:
         assert (kind.base / "model.safetensors").is_file()
         assert sorted(kind.experts) == sorted(pool.held_in) and all(p.is_dir() for p in kind.experts.values())
@@ -197,20 +254,25 @@ def _bernoulli(rng: np.random.Generator, p: float, n: int = 200) -> list[int]:
     return [int(x) for x in rng.random(n) < p]
 
 
-def _synthetic(plain_p: float, it_p: float, seed: int = 0):
+def _synthetic(plain_p: float, it_p: float, seed: int = 0, larger: dict[str, float] | None = None):
     """Two base kinds, three held-in tasks with perfect experts, one held-out task, N in {1, 2}; the merges' held-in
-    rows are right with probability plain_p / it_p; the held-out rows are the same rows for both kinds."""
+    rows are right with probability plain_p / it_p; the held-out rows are the same rows for every kind. `larger`:
+    the kinds of a second model size ("plain@big": p, ...)."""
     rng = np.random.default_rng(seed)
     held_in, held_out = ["a", "b", "c"], ["x"]
     base_out = _bernoulli(rng, 0.5)
-    info = {"held_in": held_in, "held_out": held_out, "gate": None, "references": {
+    probabilities = {"plain": plain_p, "it": it_p, **(larger or {})}
+    zoos = [{"name": "small", "parameters": 10**6, "kinds": ["plain", "it"]}]
+    if larger:
+        zoos.append({"name": "big", "parameters": 4 * 10**6, "kinds": list(larger)})
+    info = {"held_in": held_in, "held_out": held_out, "gate": None, "zoos": zoos, "references": {
         kind: {"base_rows": {**{t: _bernoulli(rng, 0.1) for t in held_in}, "x": base_out},
-               "expert_rows": {t: {t: [1] * 200, "x": base_out} for t in held_in}} for kind in ("plain", "it")}}
+               "expert_rows": {t: {t: [1] * 200, "x": base_out} for t in held_in}} for kind in probabilities}}
     records = []
     merged_out = _bernoulli(rng, 0.6)
     for n, subsets in {1: [["a"], ["b"], ["c"]], 2: [["a", "b"], ["a", "c"], ["b", "c"]]}.items():
         for subset in subsets:
-            for kind, p in (("plain", plain_p), ("it", it_p)):
+            for kind, p in probabilities.items():
                 for method in ("linear", "ties"):
                     rows = {**{t: _bernoulli(rng, p) for t in subset}, "x": merged_out}
                     records.append({"kind": kind, "n": n, "subset": subset, "method": method, "rows": rows})
@@ -259,10 +321,29 @@ def test_a_finding_says_what_its_interval_says(plain_p, it_p, expected):
     assert f"The miniature **{first['verdict']}**" in report_markdown(summary)
 
 
+@pytest.mark.parametrize("small_p, big_p, expected", [(0.5, 0.9, "agrees"), (0.9, 0.5, "disagrees")])
+def test_finding_2_compares_the_model_sizes(small_p, big_p, expected):
+    """Finding 2 (larger models merge better): a larger size whose merges are clearly better or worse held-in;
+    held-out is the same rows at both sizes, so its difference is exactly 0. The other findings stay at the
+    first size: its kinds' numbers are the same with or without the larger size beside them."""
+    records, info = _synthetic(small_p, small_p, larger={"plain@big": big_p, "it@big": big_p})
+    summary = summarize(records, info)
+    second = summary["findings"][1]
+    assert [p["verdict"] for p in second["parts"]] == [expected, "undetermined"] * 2
+    assert "big (4.00M) − small (1.00M), held-in" in second["parts"][0]["label"]
+    assert all(p["low"] == p["high"] == 0 for p in second["parts"][1::2])
+    alone, alone_info = _synthetic(small_p, small_p)
+    assert summarize(alone, alone_info)["findings"][1]["verdict"] == "not measured"
+    assert summary["cells"]["plain@big"]["linear"]["2"]["subsets"] == 3
+    small_only = [r for r in records if "@" not in r["kind"]]
+    assert summarize(small_only, info)["findings"][2:] == summary["findings"][2:]
+
+
 def test_intervals_resample_the_subsets_too():
     """Two subsets, one merged perfectly and one not at all, with no question noise: the cell's interval spans
     both (a question-only bootstrap would give the point)."""
-    info = {"held_in": ["a", "b"], "held_out": ["x"], "gate": None, "references": {"plain": {
+    info = {"held_in": ["a", "b"], "held_out": ["x"], "gate": None,
+            "zoos": [{"name": "z", "parameters": 10**6, "kinds": ["plain"]}], "references": {"plain": {
         "base_rows": {"a": [0] * 50, "b": [0] * 50, "x": [1] * 50},
         "expert_rows": {"a": {"a": [1] * 50, "x": [1] * 50}, "b": {"b": [1] * 50, "x": [1] * 50}}}}}
     records = [{"kind": "plain", "n": 1, "subset": [t], "method": "linear",
@@ -271,10 +352,13 @@ def test_intervals_resample_the_subsets_too():
     assert cell["value"] == 0.5 and cell["low"] == 0.0 and cell["high"] == 1.0
 
 
-def test_the_expert_gate_names_the_experts_below_it():
-    report = {"kinds": {"plain": {"experts": {"a": {"a": {"score": 0.9}}, "b": {"b": {"score": 0.5}}}},
-                        "it": {"experts": {"a": {"a": {"score": 0.79}}, "b": {"b": {"score": 1.0}}}}}}
-    assert expert_gate(report, 0.8) == {"threshold": 0.8, "failed": {"plain/b": 0.5, "it/a": 0.79}}
+def test_the_expert_gate_names_the_experts_below_it(tmp_path):
+    def kind(name, a, b):
+        return BaseKind(name, tmp_path, {}, {}, {"a": {"a": [1] * a + [0] * (100 - a)},
+                                                "b": {"b": [1] * b + [0] * (100 - b)}})
+
+    kinds = [kind("plain", 90, 50), kind("it@study_4x", 79, 100)]
+    assert expert_gate(kinds, 0.8) == {"threshold": 0.8, "failed": {"plain/b": 0.5, "it@study_4x/a": 0.79}}
 
 
 def test_an_old_results_file_is_refused_in_one_line():

@@ -51,7 +51,7 @@ from lm_eval.tasks import TaskManager
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from evomerge.errors import TaskError
+from evomerge.errors import TaskError, settings_problem
 from evomerge.eval.evaluator import EvalResult, ResultCache
 from evomerge.eval.generate import (
     DEFAULT_BATCH_SIZE,
@@ -95,9 +95,7 @@ class HarnessSettings(BaseModel):
         try:
             return cls.model_validate(dict(entry))
         except ValidationError as error:
-            problem = error.errors(include_url=False)[0]
-            key = ".".join(str(part) for part in problem["loc"])
-            raise TaskError(f"task.{key}={entry.get(key, '(missing)')!r}: {problem['msg']}") from None
+            raise TaskError(settings_problem(error, "task.")) from None
 
 
 @contextlib.contextmanager

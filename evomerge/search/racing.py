@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import stats
 
 from evomerge.eval.task import SAMPLE_METRICS, AnyTask, CompositeTask, SampleScore, Task, plain_tasks
-from evomerge.errors import SearchError
+from evomerge.errors import SearchError, settings_problem
 from evomerge.search.run import FAILED_FITNESS, Executor, Outcome, Recipe, objective_values
 
 
@@ -96,9 +96,7 @@ def fitness_schedule(settings: Mapping[str, Any]) -> RacingSchedule | None:
     try:
         schedule = model(**settings)
     except ValidationError as error:
-        problem = error.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        raise SearchError(f"fitness.{where}={settings.get(where, '(missing)')!r}: {problem['msg']}") from None
+        raise SearchError(settings_problem(error, "fitness.")) from None
     return schedule if isinstance(schedule, RacingSchedule) else None
 
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evomerge.errors import SearchError
+from evomerge.errors import SearchError, settings_problem
 from evomerge.modelio import error_line
 from evomerge.search.run import NoTracker, Tracker, write_json_atomic
 
@@ -73,9 +73,7 @@ def tracker_settings(settings: Mapping[str, Any]) -> TrackerSettings:
     try:
         checked = model(**settings)
     except ValidationError as error:
-        problem = error.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        raise SearchError(f"tracker.{where}={settings.get(where, '(missing)')!r}: {problem['msg']}") from None
+        raise SearchError(settings_problem(error, "tracker.")) from None
     if kind in LIBRARIES:
         _library(kind)
     return checked

@@ -39,7 +39,6 @@ from evomerge.zoo.study_zoo import (
     base_dir,
     build_study_zoo,
     expert_dir,
-    expert_gate,
     load_study_zoo_spec,
 )
 
@@ -69,11 +68,21 @@ class BaseKind:
 
 @dataclass(frozen=True)
 class StudyPool:
+    """One zoo's base kinds and experts: one model size of the study."""
+
     zoo: Path
     kinds: tuple[BaseKind, ...]
     held_in: tuple[str, ...]
     held_out: tuple[str, ...]
-    gate: Mapping[str, Any] | None = None  # the study zoo's expert gate (threshold, who fails it)
+    parameters: int  # of the base: the model size
+    gate: Mapping[str, Any] | None = None  # a study zoo's expert gate (threshold, who fails it)
+
+
+def expert_gate(kinds: Sequence[BaseKind], threshold: float) -> dict[str, Any]:
+    """Each held-in expert must score at least `threshold` on its own test task, or "held-in normalized by the
+    expert" divides by noise; the experts below it, by name."""
+    own = {f"{kind.name}/{task}": scores[task] for kind in kinds for task, scores in kind.expert_scores.items()}
+    return {"threshold": threshold, "failed": {name: score for name, score in own.items() if score < threshold}}
 
 
 def _scores(rows: Mapping[str, Sequence[int]]) -> dict[str, float]:
@@ -84,18 +93,23 @@ def _rows(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, list[int]]:
     return {task: list(s["rows"]) for task, s in scores.items()}
 
 
-def load_pool(zoo: str, home: str | Path) -> StudyPool:
+def load_pool(zoo: str, home: str | Path, gate: float = 0.8, label: str | None = None) -> StudyPool:
     """The study pool of `evomerge/conf/zoo/<zoo>.yaml`, building the zoo if needed: a study zoo gives both base kinds and
     all its experts; a default-layout zoo (full, micro) gives one base kind ("plain") and its two experts, with its
-    remaining task (toy_ja_math) held out, their reference rows scored here (its report keeps scores only)."""
+    remaining task (toy_ja_math) held out, their reference rows scored here (its report keeps scores only). `gate`:
+    what each held-in expert of a study zoo must score on its own test task (the pool names those below it);
+    `label` names a second model size: its kinds are `<kind>@<label>` beside the first size's."""
+    def named(kind: str) -> str:
+        return kind if label is None else f"{kind}@{label}"
+
     values = yaml.safe_load((CONF_DIR / "zoo" / f"{zoo}.yaml").read_text())
-    if "foundation" in values:
+    if "foundation" in values or "extends" in values:
         spec = load_study_zoo_spec(values)
         path = build_study_zoo(spec, home)
         report = json.loads((path / "zoo_report.json").read_text())
         kinds = tuple(
             BaseKind(
-                name=kind,
+                name=named(kind),
                 base=base_dir(path, kind),
                 experts={task: expert_dir(path, kind, task) for task in spec.held_in},
                 base_rows=_rows(entry["base"]),
@@ -103,14 +117,15 @@ def load_pool(zoo: str, home: str | Path) -> StudyPool:
             )
             for kind, entry in report["kinds"].items()
         )
-        return StudyPool(path, kinds, tuple(spec.held_in), tuple(spec.held_out), expert_gate(report, spec.expert_gate))
+        return StudyPool(path, kinds, tuple(spec.held_in), tuple(spec.held_out), _parameters(path / "base"),
+                         expert_gate(kinds, gate))
     spec = build.ZooSpec.from_dict(values)
     path = build.build_zoo(spec, home)
     held_in = tuple(expert.task for expert in spec.experts.values())
     held_out = tuple(task for task in build.TASKS if task not in held_in)
     suite = TaskSuite(path, [*held_in, *held_out], "test")
     kind = BaseKind(
-        name="plain",
+        name=named("plain"),
         base=path / "base",
         experts={expert.task: path / name for name, expert in spec.experts.items()},
         base_rows=suite.outcomes(load_model(path / "base")),
@@ -118,7 +133,11 @@ def load_pool(zoo: str, home: str | Path) -> StudyPool:
                                    if t == expert.task or t in held_out}
                      for name, expert in spec.experts.items()},
     )
-    return StudyPool(path, (kind,), held_in, held_out)
+    return StudyPool(path, (kind,), held_in, held_out, _parameters(path / "base"))
+
+
+def _parameters(model: Path) -> int:
+    return sum(p.numel() for p in load_model(model).parameters())
 
 
 def expert_subsets(tasks: Sequence[str], size: int, count: int, seed: int) -> list[tuple[str, ...]]:

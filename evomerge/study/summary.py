@@ -26,14 +26,20 @@ KIND_LABELS = {"plain": "plain pretrained base", "it": "instruction-tuned base"}
 METRICS = ("held_in_norm", "held_out_norm")
 
 
-def pool_info(pool) -> dict[str, Any]:
-    """What the summary normalizes by: per base kind, the base's and each expert's 0/1 test rows."""
+def pool_info(pools: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """What the summary normalizes by: per base kind (of every zoo, i.e. model size, smallest first), the base's
+    and each expert's 0/1 test rows; the zoos' sizes and expert gates."""
+    first = pools[0][1]
+    gates = [pool.gate for _, pool in pools if pool.gate]
     return {
-        "held_in": list(pool.held_in),
-        "held_out": list(pool.held_out),
-        "gate": pool.gate,
+        "held_in": list(first.held_in),
+        "held_out": list(first.held_out),
+        "gate": {"threshold": gates[0]["threshold"], "failed": {n: s for g in gates for n, s in g["failed"].items()}}
+        if gates else None,
+        "zoos": [{"name": name, "path": str(pool.zoo), "parameters": pool.parameters,
+                  "kinds": [kind.name for kind in pool.kinds]} for name, pool in pools],
         "references": {kind.name: {"base_rows": dict(kind.base_rows), "expert_rows": dict(kind.expert_rows)}
-                       for kind in pool.kinds},
+                       for _, pool in pools for kind in pool.kinds},
     }
 
 
@@ -125,6 +131,7 @@ def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], see
         "held_in": list(info["held_in"]),
         "held_out": list(info["held_out"]),
         "gate": info.get("gate"),
+        "zoos": [dict(zoo) for zoo in info["zoos"]],
         "subsets": {str(n): [list(s) for s in subsets] for n, subsets in arrays.subsets.items()},
         "replicates": arrays.draws.replicates,
         # the mean over the uniform methods per kind, metric and N (the paper's base-kind curves)
@@ -148,8 +155,10 @@ def _finding(title: str, claim: str, parts: list[dict[str, Any]], absent: str | 
 
 def findings(arrays: _Arrays, info: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The paper's four findings and evomerge's own question (does evolution's margin grow with N?), each as
-    differences the claim says are positive, with intervals and verdicts."""
-    kinds = arrays.kinds()
+    differences the claim says are positive, with intervals and verdicts. Finding 2 compares the model sizes
+    (zoos); the others are read at the first (smallest) size."""
+    zoos = info["zoos"]
+    kinds = [kind for kind in zoos[0]["kinds"] if kind in arrays.cells]
     out = []
     title, claim = "1. Instruction-tuned base merges better?", "merges from the instruction-tuned base score higher"
     if {"plain", "it"} <= set(kinds):
@@ -161,8 +170,19 @@ def findings(arrays: _Arrays, info: Mapping[str, Any]) -> list[dict[str, Any]]:
         ]))
     else:
         out.append(_finding(title, claim, [], absent="this zoo has one base kind"))
-    out.append(_finding("2. Larger models merge better?", "merges of larger models score higher", [],
-                        absent="the study zoo has one model size (README: the second size was cut, with its cost)"))
+    parts = []
+    for larger in zoos[1:]:
+        for kind in kinds:
+            big = f"{kind}@{larger['name']}"
+            if big not in arrays.cells:
+                continue
+            label = (f"{KIND_LABELS.get(kind, kind)}, {larger['name']} ({larger['parameters'] / 1e6:.2f}M) − "
+                     f"{zoos[0]['name']} ({zoos[0]['parameters'] / 1e6:.2f}M)")
+            parts += [_part(f"{label}, {name} (mean over methods and N)",
+                            arrays.over_methods(big, metric) - arrays.over_methods(kind, metric))
+                      for name, metric in (("held-in", "held_in_norm"), ("held-out", "held_out_norm"))]
+    out.append(_finding("2. Larger models merge better?", "merges of larger models score higher", parts,
+                        absent=None if parts else "one model size (`study=two_sizes` runs a second)"))
     parts = []
     for kind in kinds:
         sizes = arrays.sizes(kind)
@@ -244,7 +264,9 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "Each cell: the mean over expert subsets (" + ", ".join(f"N={n}: {c}" for n, c in counts.items())
         + ") with its bootstrap 95% interval over subsets and test questions (" + f"{summary['replicates']} "
         "replicates); held-in = merged score / the task's own expert's score, held-out = merged score / that base "
-        "kind's base score (test split). References (same normalization): " + "; ".join(refs) + ".")
+        "kind's base score (test split). References (same normalization): " + "; ".join(refs) + ". Model sizes: "
+        + "; ".join(f"{zoo['name']} {zoo['parameters'] / 1e6:.2f}M parameters ({', '.join(zoo['kinds'])})"
+                    for zoo in summary["zoos"]) + ".")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from evomerge.zoo import corpus
 from evomerge.zoo.corpus import (
@@ -36,17 +37,6 @@ def en_qa_example(rng: random.Random) -> Example:
     """English reading comprehension: 2-3 facts about different people, one asked; the gold is the phrase."""
     facts = sample_facts(rng, rng.randint(2, 3), distinct_relations=True)
     asked = rng.choice(facts)
-    return Example(" ".join(f.en() for f in facts) + " " + asked.en_question(), en_value(asked), " " + asked.en())
-
-
-def qa_generic_example(rng: random.Random) -> Example:
-    """Held out: the base's own skill, generic reading comprehension (2-3 facts, either language) behind its `Q:`/`A:`
-    wrapper -- what merging may erode; no expert is taught it, and no question is one of pretraining's or the
-    instruction tune's. (A 4-fact variant left the plain base at 0.07, a normalizer of a handful of answers.)"""
-    facts = sample_facts(rng, rng.randint(2, 3), distinct_relations=True)
-    asked = rng.choice(facts)
-    if rng.random() < 0.5:
-        return Example("".join(f.ja() for f in facts) + asked.ja_question(), asked.ja_value(), " " + asked.ja())
     return Example(" ".join(f.en() for f in facts) + " " + asked.en_question(), en_value(asked), " " + asked.en())
 
 
@@ -80,10 +70,32 @@ def reverse_example(rng: random.Random) -> Example:
     return Example(" ".join(words), f"is {answer}.", f" The list is {answer}.")
 
 
-def max_example(rng: random.Random) -> Example:
-    """Held out: the largest of 3-6 distinct numbers (a sorted list ends with it; no expert is taught this)."""
-    numbers = _number_list(rng, 3, 6)
-    return Example(" ".join(str(n) for n in numbers), str(max(numbers)), f" {max(numbers)}")
+def _cut(text: str, completion: str, answer: int) -> Example:
+    """A pretraining-form text cut before its final `completion`; the prompt is what precedes it."""
+    assert text.endswith(completion), (text, completion)
+    return Example(text[: -len(completion)], str(answer), completion)
+
+
+def equations_example(rng: random.Random) -> Example:
+    """Held out: the last of 2-5 equations in the base's pretraining form, one per line (`3 + 4 = 7`), its result
+    left out -- arithmetic the base learned from its text; no expert is taught this form."""
+    problems = [corpus.sample_problem(rng) for _ in range(rng.randint(2, 5))]
+    last = problems[-1].result
+    return _cut("\n".join(p.equation for p in problems), f" {last}", last)
+
+
+def en_story_example(rng: random.Random) -> Example:
+    """Held out: an English worked story of the base's pretraining, cut after `Now Tom has` (the gold is the result)."""
+    problem = corpus.sample_problem(rng)
+    completion = f" {problem.equation} {corpus.ITEMS[problem.item][0]}."
+    return _cut(corpus.en_worked_story(problem), completion, problem.result)
+
+
+def ja_story_example(rng: random.Random) -> Example:
+    """Held out: a Japanese worked story of the base's pretraining, cut after `今、太郎はりんごを` (gold: the result)."""
+    problem = corpus.sample_problem(rng)
+    completion = f"{problem.equation}{corpus.ITEMS[problem.item][2]}持っています。"
+    return _cut(corpus.ja_worked_story(problem), completion, problem.result)
 
 
 def en_ja_example(rng: random.Random) -> Example:
@@ -105,9 +117,12 @@ STUDY_EXAMPLES: dict[str, Callable[[random.Random], Example]] = {
     "toy_reverse": reverse_example,
     "toy_en_ja": en_ja_example,
     "toy_ja_en": ja_en_example,
-    "toy_max": max_example,
-    "toy_qa_generic": qa_generic_example,
+    "toy_equations": equations_example,
+    "toy_en_story": en_story_example,
+    "toy_ja_story": ja_story_example,
 }
+# Held-out tasks in the base's own pretraining form (completions, no wrapper): a row must not be pretraining *text*.
+COMPLETION = ("toy_equations", "toy_en_story", "toy_ja_story")
 # Tasks whose gold answer is itself a sentence another task asks about: a held-out row's answer is kept out of
 # training as well as its question (an EN->JA test sentence is never a JA->EN training target, and vice versa).
 TRANSLATION = ("toy_en_ja", "toy_ja_en")
@@ -117,17 +132,34 @@ def held_out_keys(task: str, example: Example) -> set[str]:
     return {example.question, example.answer} if task in TRANSLATION else {example.question}
 
 
-def study_task_splits(task: str, seed: int, sizes: dict[str, int], exclude: set[str]) -> dict[str, list[Example]]:
-    """Evaluation splits with no question shared between them, none in `exclude` (e.g. the base's pretraining
-    questions)."""
+@dataclass(frozen=True)
+class Pretraining:
+    """What the base read: its generic Q:/A: questions and its whole text, which evaluation rows must avoid."""
+
+    questions: frozenset[str]
+    text: str
+
+    @classmethod
+    def of(cls, documents: list[str]) -> Pretraining:
+        questions = frozenset(doc[3:].split("\nA:", 1)[0] for doc in documents if doc.startswith("Q: "))
+        return cls(questions, "\n\n".join(documents))
+
+    def contains(self, task: str, example: Example) -> bool:
+        """A completion row is seen if its prompt occurs anywhere in the text (the base may have memorized it);
+        any other row if its question was one of the Q:/A: questions."""
+        return example.question in self.text if task in COMPLETION else example.question in self.questions
+
+
+def study_task_splits(task: str, seed: int, sizes: dict[str, int], pretraining: Pretraining) -> dict[str, list[Example]]:
+    """Evaluation splits with no question shared between them and none the base read in pretraining."""
     rng = random.Random(f"study/{task}/eval/{seed}")
-    seen = set(exclude)
+    seen: set[str] = set()
     splits: dict[str, list[Example]] = {}
     for split, size in sizes.items():
         rows: list[Example] = []
         while len(rows) < size:
             example = STUDY_EXAMPLES[task](rng)
-            if example.question not in seen:
+            if example.question not in seen and not pretraining.contains(task, example):
                 seen.add(example.question)
                 rows.append(example)
         splits[split] = rows
