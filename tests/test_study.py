@@ -88,6 +88,13 @@ def test_tiny_study_on_the_micro_zoo(micro_zoo_home, tmp_path):
     again = study(_settings(), micro_zoo_home, out, log=lambda *_: None)
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
     assert again["cells"] == summary["cells"]
+    # a run directory belongs to its zoo: merges of another (rebuilt, changed) zoo are never reused
+    lines = (out / "results.jsonl").read_text().splitlines()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "results.jsonl").write_text("\n".join(lines[:1] + [json.dumps({**json.loads(lines[1]), "zoo": "zoo-x"})]))
+    with pytest.raises(ValueError, match="its plain merges come from zoo-x, this study's is zoo-micro-"):
+        study(_settings(), micro_zoo_home, moved, log=lambda *_: None)
     # a study is deterministic: a fresh run directory gives the same records (timings aside)
     fresh = tmp_path / "again"
     study(_settings(), micro_zoo_home, fresh, log=lambda *_: None)

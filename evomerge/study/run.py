@@ -205,16 +205,21 @@ def _record_key(kind: str, size: int, subset: Sequence[str], method: str) -> str
 
 
 def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print) -> list[dict[str, Any]]:
-    """Every (kind, N, subset, method) merge, appended to `out/results.jsonl` (kept lines are reused)."""
+    """Every (kind, N, subset, method) merge, appended to `out/results.jsonl` (kept lines are reused: each names
+    its zoo, and a line of this pool's kinds from another zoo -- a rebuilt or changed one -- stops the run)."""
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
+    kinds = [k for k in pool.kinds if not settings.get("kinds") or k.name in settings["kinds"]]
     done: dict[str, dict[str, Any]] = {}
     if results_path.is_file():
         for line in results_path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                if record["kind"] in {k.name for k in pool.kinds} and record.get("zoo") != pool.zoo.name:
+                    raise ValueError(f"{results_path}: its {record['kind']} merges come from "
+                                     f"{record.get('zoo', 'an unrecorded zoo')}, this study's is {pool.zoo.name}; "
+                                     f"start a new run directory")
                 done[_record_key(record["kind"], record["n"], record["subset"], record["method"])] = record
-    kinds = [k for k in pool.kinds if not settings.get("kinds") or k.name in settings["kinds"]]
     sizes = [n for n in settings["sizes"] if 1 <= n <= len(pool.held_in)]
     columns = {method: method_grid(method, values or {}) for method, values in settings["methods"].items()}
     if settings.get("evolved"):
@@ -240,7 +245,8 @@ def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print
                         choose = _evolve if method == EVOLVED else _choose
                         recipe, chosen, tried = choose(kind, mergers[kind.name], scorer, subset, method, grid, settings)
                         record = _score(pool, kind, mergers[kind.name], scorer, subset, recipe, settings["split"])
-                        record = {"kind": kind.name, "n": size, "subset": list(subset), "method": method,
+                        record = {"kind": kind.name, "zoo": pool.zoo.name, "n": size, "subset": list(subset),
+                                  "method": method,
                                   "values": chosen, "grid": tried, **record,
                                   "seconds": round(time.perf_counter() - started, 2)}
                         handle.write(json.dumps(record) + "\n")
