@@ -344,6 +344,16 @@ def test_finding_2_compares_the_model_sizes(small_p, big_p, expected):
     assert summary["cells"]["plain@big"]["linear"]["2"]["subsets"] == 3
     small_only = [r for r in records if "@" not in r["kind"]]
     assert summarize(small_only, info)["findings"][2:] == summary["findings"][2:]
+    # a run cut short before the larger size reached N=2 compares the sizes at N=1 only
+    cut = [r for r in records if "@" not in r["kind"] or r["n"] == 1]
+    cut_summary = summarize(cut, info)
+    parts = cut_summary["findings"][1]["parts"]
+    assert "N=1)" in parts[0]["label"] and [p["verdict"] for p in parts] == [expected, "undetermined"] * 2
+
+    def at_1(kind):
+        return np.mean([cut_summary["cells"][kind][m]["1"]["held_in_norm"]["value"] for m in ("linear", "ties")])
+
+    assert parts[0]["value"] == pytest.approx(at_1("plain@big") - at_1("plain"), abs=1e-3)
 
 
 def test_intervals_resample_the_subsets_too():

@@ -176,10 +176,15 @@ def findings(arrays: _Arrays, info: Mapping[str, Any]) -> list[dict[str, Any]]:
             big = f"{kind}@{larger['name']}"
             if big not in arrays.cells:
                 continue
+            common = [n for n in arrays.sizes(kind) if n in arrays.sizes(big)]  # a run cut short has fewer N
+
+            def over(k: str, metric: str) -> np.ndarray:
+                return mean_of(arrays.over_methods(k, metric, n) for n in common)
+
             label = (f"{KIND_LABELS.get(kind, kind)}, {larger['name']} ({larger['parameters'] / 1e6:.2f}M) − "
                      f"{zoos[0]['name']} ({zoos[0]['parameters'] / 1e6:.2f}M)")
-            parts += [_part(f"{label}, {name} (mean over methods and N)",
-                            arrays.over_methods(big, metric) - arrays.over_methods(kind, metric))
+            parts += [_part(f"{label}, {name} (mean over methods and N={','.join(map(str, common))})",
+                            over(big, metric) - over(kind, metric))
                       for name, metric in (("held-in", "held_in_norm"), ("held-out", "held_out_norm"))]
     out.append(_finding("2. Larger models merge better?", "merges of larger models score higher", parts,
                         absent=None if parts else "one model size (`study=two_sizes` runs a second)"))
