@@ -211,11 +211,12 @@ def run_study(pool: StudyPool, settings: Mapping[str, Any], out: Path, log=print
     results_path = out / "results.jsonl"
     kinds = [k for k in pool.kinds if not settings.get("kinds") or k.name in settings["kinds"]]
     done: dict[str, dict[str, Any]] = {}
+    names = {k.name for k in pool.kinds}
     if results_path.is_file():
         for line in results_path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                if record["kind"] in {k.name for k in pool.kinds} and record.get("zoo") != pool.zoo.name:
+                if record["kind"] in names and record.get("zoo") != pool.zoo.name:
                     raise ValueError(f"{results_path}: its {record['kind']} merges come from "
                                      f"{record.get('zoo', 'an unrecorded zoo')}, this study's is {pool.zoo.name}; "
                                      f"start a new run directory")

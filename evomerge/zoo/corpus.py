@@ -231,12 +231,22 @@ def training_examples(task: str, seed: int, count: int, exclude: set[str]) -> li
 
 def en_worked_story(p: Problem) -> str:
     setup, _ = en_story(p)
-    return f"{setup} Now {EN_NAMES[p.name]} has {p.equation} {ITEMS[p.item][0]}."
+    return f"{setup} Now {EN_NAMES[p.name]} has{en_worked_result(p)}"
+
+
+def en_worked_result(p: Problem) -> str:
+    """How an English worked story ends: its sum (the study's held-out completion cuts the story here)."""
+    return f" {p.equation} {ITEMS[p.item][0]}."
 
 
 def ja_worked_story(p: Problem) -> str:
     setup, _ = ja_story(p)
-    return f"{setup}今、{JA_NAMES[p.name]}は{ITEMS[p.item][1]}を{p.equation}{ITEMS[p.item][2]}持っています。"
+    return f"{setup}今、{JA_NAMES[p.name]}は{ITEMS[p.item][1]}を{ja_worked_result(p)}"
+
+
+def ja_worked_result(p: Problem) -> str:
+    """How a Japanese worked story ends: its sum, with the item's counter."""
+    return f"{p.equation}{ITEMS[p.item][2]}持っています。"
 
 
 def generic_qa_document(rng: random.Random, exclude: set[str]) -> str:

@@ -87,15 +87,13 @@ def equations_example(rng: random.Random) -> Example:
 def en_story_example(rng: random.Random) -> Example:
     """Held out: an English worked story of the base's pretraining, cut after `Now Tom has` (the gold is the result)."""
     problem = corpus.sample_problem(rng)
-    completion = f" {problem.equation} {corpus.ITEMS[problem.item][0]}."
-    return _cut(corpus.en_worked_story(problem), completion, problem.result)
+    return _cut(corpus.en_worked_story(problem), corpus.en_worked_result(problem), problem.result)
 
 
 def ja_story_example(rng: random.Random) -> Example:
     """Held out: a Japanese worked story of the base's pretraining, cut after `今、太郎はりんごを` (gold: the result)."""
     problem = corpus.sample_problem(rng)
-    completion = f"{problem.equation}{corpus.ITEMS[problem.item][2]}持っています。"
-    return _cut(corpus.ja_worked_story(problem), completion, problem.result)
+    return _cut(corpus.ja_worked_story(problem), corpus.ja_worked_result(problem), problem.result)
 
 
 def en_ja_example(rng: random.Random) -> Example:
