@@ -18,7 +18,7 @@ from evomerge.study.intervals import Draws, combined, interval, verdict
 from evomerge.study.run import EVOLVED, BaseKind, expert_gate, expert_subsets, load_pool, method_grid, normalized
 from evomerge.study.summary import report_markdown, summarize
 from evomerge.zoo import corpus
-from evomerge.zoo.build import ZooSpec
+from evomerge.zoo.build import ZooSpec, build_zoo, zoo_dir
 from evomerge.zoo.study_tasks import (
     COMPLETION,
     STUDY_EXAMPLES,
@@ -30,6 +30,7 @@ from evomerge.zoo.study_tasks import (
 from evomerge.zoo.study_zoo import (
     StudyZooSpec,
     _pretraining,
+    build_study_zoo,
     load_study_zoo_spec,
 )
 
@@ -252,6 +253,23 @@ def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
     assert set(build["seconds"]) == {"write_data", "copy_base", "instruct_base", "train_experts", "report"}
     assert not pool.zoo.with_name(pool.zoo.name + ".partial").exists()
     assert load_pool("study_micro", micro_zoo_home).zoo == pool.zoo  # found, not built again
+
+
+def test_a_study_zoo_builds_only_its_foundations_base(tmp_path):
+    """Without a cached foundation, a study zoo builds the foundation's data and base only (its experts and report
+    are no part of the study: ~15 min at the second size); a later build of the foundation resumes from that base."""
+    study_zoo = build_study_zoo(load_study_zoo_spec(yaml.safe_load((CONF / "zoo" / "study_micro.yaml").read_text())),
+                                tmp_path)
+    assert (study_zoo / "zoo_report.json").is_file()
+    micro = ZooSpec.from_dict(yaml.safe_load((CONF / "zoo" / "micro.yaml").read_text()))
+    partial = zoo_dir(micro, tmp_path).with_name(zoo_dir(micro, tmp_path).name + ".partial")
+    assert sorted(p.name for p in partial.iterdir()) == ["base", "data"]
+    base = partial / "base" / "model.safetensors"
+    built = base.stat().st_mtime_ns
+    assert (study_zoo / "base" / "model.safetensors").read_bytes() == base.read_bytes()
+    final = build_zoo(micro, tmp_path)
+    assert (final / "base" / "model.safetensors").stat().st_mtime_ns == built  # resumed, not trained again
+    assert (final / "zoo_report.json").is_file() and not partial.exists()
 
 
 # ---- the bootstrap: synthetic rows whose answer is known ----

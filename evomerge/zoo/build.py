@@ -127,13 +127,32 @@ def build_zoo(spec: ZooSpec, home: str | Path) -> Path:
     final = zoo_dir(spec, home)
     if (final / "zoo_report.json").is_file():
         return final
-    stages = {"write_data": _write_data, "train_base": _train_base, "train_experts": _train_experts}
+    stages = {**_BASE_STAGES, "train_experts": _train_experts}
     return build_in_stages(
         final,
         {name: functools.partial(stage, spec) for name, stage in stages.items()},
         lambda work: zoo_report(work, spec.experts, REPORT_TASKS, spec.probe_weights, OBJECTIVE),
         spec.to_dict(),
     )
+
+
+@contextlib.contextmanager
+def zoo_base(spec: ZooSpec, home: str | Path) -> Iterator[Path]:
+    """The directory holding `spec`'s `data/` and `base/`: the finished zoo if there is one, else its `.partial`
+    build run up to the base only -- all a study zoo reuses (at the second model size the experts and report it
+    would skip cost ~15 min); a later `build_zoo` resumes there. Held under the zoo's build lock while in use,
+    so no concurrent build renames it away."""
+    final = zoo_dir(spec, home)
+    with build_lock(final):
+        if (final / "zoo_report.json").is_file():
+            yield final
+            return
+        work = final.with_name(final.name + ".partial")
+        work.mkdir(exist_ok=True)
+        with reproducible_torch():
+            for stage in _BASE_STAGES.values():
+                stage(spec, work)
+        yield work
 
 
 @contextlib.contextmanager
@@ -252,6 +271,9 @@ def _train_base(spec: ZooSpec, work: Path) -> None:
         seq_len=spec.seq_len, lr=spec.pretrain_lr, seed=spec.seed, desc="zoo: base",
     )
     _save(model, tokenizer, out, {"final_loss": mean_tail(losses)})
+
+
+_BASE_STAGES = {"write_data": _write_data, "train_base": _train_base}
 
 
 def _train_experts(spec: ZooSpec, work: Path) -> None:

@@ -1,7 +1,8 @@
 """The study zoo (issue 8): many single-task experts from one base, for "what matters when merging at scale".
 
-Built on the default ("foundation") zoo: its pretrained base is reused as the *plain* base (the foundation is built
-first if it is not cached; nothing about the foundation changes). The study zoo adds
+Built on the default ("foundation") zoo: its pretrained base is reused as the *plain* base (when the foundation is not
+cached, only its data and base are built first -- its experts and report are no part of the study; nothing about the
+foundation changes). The study zoo adds
 
 - an *instruction-tuned* base: the plain base after a light generic `Q:`/`A:` reading-comprehension fine-tune;
 - one expert per held-in task from each base kind (`experts/<kind>/<task>`), same steps and learning rate for all;
@@ -11,8 +12,9 @@ first if it is not cached; nothing about the foundation changes). The study zoo 
 - `zoo_report.json`: every base and expert on every task (test split).
 
 Stages resume like the default zoo's: `<home>/zoo-study-<hash>.partial/`, renamed into place when the report is
-written, and concurrent builds take turns on `<home>/zoo-study-<hash>.lock` the same way (the foundation has its own
-lock, released before the study zoo's is taken). The hash covers the study spec and the foundation spec.
+written, and concurrent builds take turns on `<home>/zoo-study-<hash>.lock` the same way (the foundation's lock is
+taken first and held until the study zoo is built: no foundation build moves its base away meanwhile). The hash
+covers the study spec and the foundation spec.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from evomerge.zoo.build import (
     _save,
     _stage_done,
     build_in_stages,
-    build_zoo,
+    zoo_base,
     zoo_dir,
 )
 from evomerge.zoo.report import TaskSuite
@@ -108,19 +110,19 @@ class StudyZooSpec:
 
 
 def build_study_zoo(spec: StudyZooSpec, home: str | Path) -> Path:
-    """Return the study zoo directory for `spec`, building (and first the foundation zoo) whatever is missing."""
+    """Return the study zoo directory for `spec`, building (and first the foundation's base) whatever is missing."""
     final = zoo_dir(spec, home)
     if (final / "zoo_report.json").is_file():
         return final
-    foundation = build_zoo(spec.foundation_spec, home)
     stages = {"write_data": _write_data, "copy_base": _copy_base, "instruct_base": _instruct_base,
               "train_experts": _train_experts}
-    return build_in_stages(
-        final,
-        {name: functools.partial(stage, spec, foundation) for name, stage in stages.items()},
-        lambda work: study_report(work, spec),
-        spec.to_dict(),
-    )
+    with zoo_base(spec.foundation_spec, home) as foundation:
+        return build_in_stages(
+            final,
+            {name: functools.partial(stage, spec, foundation) for name, stage in stages.items()},
+            lambda work: study_report(work, spec),
+            spec.to_dict(),
+        )
 
 
 def expert_dir(zoo: Path, kind: str, task: str) -> Path:
