@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
+from evomerge.modelio import load_model
 from evomerge.resources import CONF_DIR
 from evomerge.study.command import study
 from evomerge.study.intervals import Draws, combined, interval, verdict
@@ -249,6 +250,7 @@ def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
         assert (kind.base / "model.safetensors").is_file()
         assert sorted(kind.experts) == sorted(pool.held_in) and all(p.is_dir() for p in kind.experts.values())
         assert set(kind.expert_scores) == set(pool.held_in)
+    assert pool.parameters == sum(p.numel() for p in load_model(pool.kinds[0].base).parameters())  # from headers
     build = json.loads((pool.zoo / "build.json").read_text())
     assert set(build["seconds"]) == {"write_data", "copy_base", "instruct_base", "train_experts", "report"}
     assert not pool.zoo.with_name(pool.zoo.name + ".partial").exists()
@@ -257,7 +259,7 @@ def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
 
 def test_a_study_zoo_builds_only_its_foundations_base(tmp_path):
     """Without a cached foundation, a study zoo builds the foundation's data and base only (its experts and report
-    are no part of the study: ~15 min at the second size); a later build of the foundation resumes from that base."""
+    are no part of the study: 1,100 fine-tuning steps at the second size); a later foundation build resumes there."""
     study_zoo = build_study_zoo(load_study_zoo_spec(yaml.safe_load((CONF / "zoo" / "study_micro.yaml").read_text())),
                                 tmp_path)
     assert (study_zoo / "zoo_report.json").is_file()

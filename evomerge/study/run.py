@@ -29,7 +29,7 @@ import yaml
 from evomerge.merge.memory import InMemoryMerger
 from evomerge.merge.methods import METHODS
 from evomerge.recipe import DEFAULT_GROUPS, PSRecipe
-from evomerge.modelio import load_model
+from evomerge.modelio import CheckpointReader, load_model
 from evomerge.resources import CONF_DIR
 from evomerge.search.genome import PSGenomeSpace
 from evomerge.search.optimizer import CMAES
@@ -137,7 +137,9 @@ def load_pool(zoo: str, home: str | Path, gate: float = 0.8, label: str | None =
 
 
 def _parameters(model: Path) -> int:
-    return sum(p.numel() for p in load_model(model).parameters())
+    """From the checkpoint's headers: no weights are read (a 7B base would be 14 GB of them)."""
+    with CheckpointReader(model) as reader:
+        return sum(math.prod(entry.shape) for entry in reader.entries.values())
 
 
 def expert_subsets(tasks: Sequence[str], size: int, count: int, seed: int) -> list[tuple[str, ...]]:

@@ -139,9 +139,9 @@ def build_zoo(spec: ZooSpec, home: str | Path) -> Path:
 @contextlib.contextmanager
 def zoo_base(spec: ZooSpec, home: str | Path) -> Iterator[Path]:
     """The directory holding `spec`'s `data/` and `base/`: the finished zoo if there is one, else its `.partial`
-    build run up to the base only -- all a study zoo reuses (at the second model size the experts and report it
-    would skip cost ~15 min); a later `build_zoo` resumes there. Held under the zoo's build lock while in use,
-    so no concurrent build renames it away."""
+    build run up to the base only -- all a study zoo reuses (the experts and report it skips are 1,100 fine-tuning
+    steps, ~20 min at the second model size); a later `build_zoo` resumes there. Held under the zoo's build lock
+    while in use, so no concurrent build renames it away."""
     final = zoo_dir(spec, home)
     with build_lock(final):
         if (final / "zoo_report.json").is_file():
