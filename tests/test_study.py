@@ -306,6 +306,15 @@ def _synthetic(plain_p: float, it_p: float, seed: int = 0, larger: dict[str, flo
     return records, info
 
 
+def test_a_handful_of_base_answers_is_named_under_the_scores():
+    """A held-out normalizer of fewer than 10 right answers is named with its count; ~100 of 200 is not."""
+    records, info = _synthetic(0.5, 0.5)
+    assert "Held-out normalizers resting" not in report_markdown(summarize(records, info))
+    info["references"]["it"]["base_rows"]["x"] = [1] * 9 + [0] * 191
+    assert "fewer than 10 right answers (a few answers swing that kind's held-out ratios): it/x 9 of 200." \
+        in report_markdown(summarize(records, info))
+
+
 def test_bootstrap_intervals_cover_what_the_rows_say():
     """One subset of one task answered at p = 0.5 by a merge, by an expert at 1.0: the interval is the binomial one
     (±1.96·sqrt(.25/200) ≈ ±0.069); identical rows compared through the shared draws differ by exactly 0."""
