@@ -40,7 +40,8 @@ CONF = CONF_DIR
 
 def _settings(**changes):
     settings = yaml.safe_load((CONF / "study" / "default.yaml").read_text())
-    settings.update({"zoos": ["micro"], "sizes": [2], "subsets": 1, "methods": {"linear": {}},
+    # held_out_min_right 0: the micro zoo's 8-question splits make every normalizer a handful of answers
+    settings.update({"zoos": ["micro"], "sizes": [2], "subsets": 1, "methods": {"linear": {}}, "held_out_min_right": 0,
                      "evolved": {**settings["evolved"], "generations": 2, "popsize": 3}, **changes})
     return settings
 
@@ -126,7 +127,8 @@ def test_two_model_sizes_share_one_run(micro_zoo_home, tmp_path):
 def test_study_command_line(micro_zoo_home, tmp_path):
     out = tmp_path / "cli"
     main(["study", f"home={micro_zoo_home}", f"hydra.run.dir={out}", "+study.zoos=[micro]", "+study.sizes=[2]",
-          "+study.subsets=1", "+study.methods={task_arithmetic: {lambda: [0.5, 1.0]}}", "+study.evolved=null"])
+          "+study.subsets=1", "+study.methods={task_arithmetic: {lambda: [0.5, 1.0]}}", "+study.evolved=null",
+          "+study.held_out_min_right=0"])
     record = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert record["method"] == "task_arithmetic" and len(record["grid"]) == 2
     scores = {point["values"]["lambda"]: point["score"] for point in record["grid"]}
@@ -245,7 +247,8 @@ def test_study_zoo_spec_hash_covers_the_foundation():
 def test_the_micro_study_zoo_builds_on_its_foundation(micro_zoo_home):
     pool = load_pool("study_micro", micro_zoo_home)  # built here, on the micro zoo the session already has
     assert [kind.name for kind in pool.kinds] == ["plain", "it"]
-    assert pool.held_in == ("toy_ja_qa", "toy_en_math", "toy_sort", "toy_en_ja") and pool.held_out == ("toy_ja_math", "toy_equations")
+    assert pool.held_in == ("toy_ja_qa", "toy_en_math", "toy_sort", "toy_en_ja")
+    assert pool.held_out == ("toy_ja_math", "toy_equations")
     for kind in pool.kinds:
         assert (kind.base / "model.safetensors").is_file()
         assert sorted(kind.experts) == sorted(pool.held_in) and all(p.is_dir() for p in kind.experts.values())
@@ -306,13 +309,36 @@ def _synthetic(plain_p: float, it_p: float, seed: int = 0, larger: dict[str, flo
     return records, info
 
 
-def test_a_handful_of_base_answers_is_named_under_the_scores():
-    """A held-out normalizer of fewer than 10 right answers is named with its count; ~100 of 200 is not."""
+def test_a_held_out_task_of_a_handful_of_base_answers_is_left_out():
+    """A second held-out task that one base answers 9 of 200 questions of is left out of every kind's held-out
+    mean (the cells are those of a study without it) and named with its count; at 10 right answers it counts."""
     records, info = _synthetic(0.5, 0.5)
-    assert "Held-out normalizers resting" not in report_markdown(summarize(records, info))
-    info["references"]["it"]["base_rows"]["x"] = [1] * 9 + [0] * 191
-    assert "fewer than 10 right answers (a few answers swing that kind's held-out ratios): it/x 9 of 200." \
-        in report_markdown(summarize(records, info))
+    without = summarize(records, info, held_out_min_right=10)
+    rng = np.random.default_rng(5)
+    for ref in info["references"].values():
+        ref["base_rows"]["y"] = _bernoulli(rng, 0.5)
+        for by_task in ref["expert_rows"].values():
+            by_task["y"] = _bernoulli(rng, 0.3)
+    info["references"]["it"]["base_rows"]["y"] = [1] * 9 + [0] * 191
+    info["held_out"] = ["x", "y"]
+    for record in records:
+        record["rows"]["y"] = _bernoulli(rng, 0.5)
+    summary = summarize(records, info, held_out_min_right=10)
+    assert summary["held_out"] == ["x"] and summary["held_out_left_out"] == {"y": {"it": [9, 200]}}
+    def values(summary):  # point estimates (the bootstrap also draws y's questions, so its replicates differ)
+        return [(kind, method, n, metric, cell[metric]["value"]) for kind, methods in summary["cells"].items()
+                for method, by_n in methods.items() for n, cell in by_n.items() for metric in ("held_in_norm",
+                                                                                              "held_out_norm")]
+
+    assert values(summary) == values(without)
+    assert ("Left out of every held-out mean, for all base kinds and sizes (a base answers fewer than 10 of its "
+            "questions: a normalizer of a handful of answers): y (it 9 of 200).") in report_markdown(summary)
+    info["references"]["it"]["base_rows"]["y"][9] = 1
+    kept = summarize(records, info, held_out_min_right=10)
+    assert kept["held_out"] == ["x", "y"] and not kept["held_out_left_out"]
+    assert values(kept) != values(without)
+    with pytest.raises(ValueError, match="every held-out task has a base answering fewer than 300"):
+        summarize(records, info, held_out_min_right=300)
 
 
 def test_bootstrap_intervals_cover_what_the_rows_say():

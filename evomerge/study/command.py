@@ -46,6 +46,7 @@ class StudySettings(BaseModel):
     subsets: int = Field(ge=1)
     seed: int
     expert_gate: float = Field(ge=0, le=1)
+    held_out_min_right: int = Field(ge=0)
     kinds: list[str] | None
     select_split: str
     split: str
@@ -91,7 +92,8 @@ def study(settings: dict[str, Any], home: str | Path, out: Path, log=print) -> d
     with reproducible_torch():  # the zoo's thread count on any machine: the same float sums, the same answers
         for pool in pools:
             records += run_study(pool, settings, out, log=log)
-    summary = {**summarize(records, pool_info(list(zip(zoos, pools)))), "settings": settings}
+    summary = {**summarize(records, pool_info(list(zip(zoos, pools))),
+                                  held_out_min_right=settings["held_out_min_right"]), "settings": settings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "study.md").write_text(report_markdown(summary))
     plot(summary, out)

@@ -24,9 +24,6 @@ from evomerge.study.run import EVOLVED
 
 KIND_LABELS = {"plain": "plain pretrained base", "it": "instruction-tuned base"}
 METRICS = ("held_in_norm", "held_out_norm")
-# A held-out normalizer resting on fewer right answers than this is named under the scores table: a few answers
-# swing every held-out ratio of that kind (the 3.67M study zoo's bases answer 5-6 of 100 Japanese stories).
-FEW_ANSWERS = 10
 
 
 def pool_info(pools: Sequence[tuple[str, Any]]) -> dict[str, Any]:
@@ -110,9 +107,29 @@ class _Arrays:
                        for scores in self.experts[kind].values())
 
 
-def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], seed: int = 0) -> dict[str, Any]:
+def few_answers(info: Mapping[str, Any], min_right: int) -> dict[str, dict[str, list[int]]]:
+    """The held-out tasks some base answers fewer than `min_right` questions of: {task: {kind: [right, total]}}.
+    Such a normalizer is a handful of answers (at 5, one answer more moves every ratio over it by a sixth), so the
+    study leaves the task out of every held-out mean, for all kinds and sizes alike: one task set per study."""
+    few: dict[str, dict[str, list[int]]] = defaultdict(dict)
+    for kind, ref in info["references"].items():
+        for task in info["held_out"]:
+            rows = ref["base_rows"][task]
+            if sum(rows) < min_right:
+                few[task][kind] = [sum(rows), len(rows)]
+    return dict(few)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], seed: int = 0,
+              held_out_min_right: int = 0) -> dict[str, Any]:
     """cells[kind][method][n] = {held_in_norm: interval, held_out_norm: interval, subsets}; references and their
-    intervals; the findings (each part's interval and verdict, and the finding's verdict)."""
+    intervals; the findings (each part's interval and verdict, and the finding's verdict). Held-out means leave
+    out the tasks `few_answers` names (`held_out_left_out`)."""
+    left_out = few_answers(info, held_out_min_right)
+    if left_out and len(left_out) == len(info["held_out"]):
+        raise ValueError(f"study: every held-out task has a base answering fewer than {held_out_min_right} of its "
+                         f"questions ({left_out}); lower study.held_out_min_right")
+    info = {**info, "held_out": [t for t in info["held_out"] if t not in left_out]}
     arrays = _Arrays(records, info, seed)
     cells = {kind: {method: {str(n): {**{m: interval(values[m]) for m in METRICS},
                                       "subsets": arrays.counts[(kind, method, n)]}
@@ -123,7 +140,6 @@ def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], see
     for kind in arrays.kinds():
         references[kind] = {
             "base_scores": {t: float(v[0]) for t, v in arrays.base[kind].items()},
-            "base_right": {t: [sum(rows), len(rows)] for t, rows in info["references"][kind]["base_rows"].items()},
             "expert_own_scores": {t: float(arrays.experts[kind][t][t][0]) for t in info["held_in"]},
             # the base on held-in tasks, normalized by the experts: what merging must beat to keep any skill
             "base_held_in_norm": interval(arrays.base_held_in(kind, info["held_in"])),
@@ -134,6 +150,8 @@ def summarize(records: Sequence[Mapping[str, Any]], info: Mapping[str, Any], see
         "references": references,
         "held_in": list(info["held_in"]),
         "held_out": list(info["held_out"]),
+        "held_out_left_out": left_out,
+        "held_out_min_right": held_out_min_right,
         "gate": info.get("gate"),
         "zoos": [dict(zoo) for zoo in info["zoos"]],
         "subsets": {str(n): [list(s) for s in subsets] for n, subsets in arrays.subsets.items()},
@@ -273,7 +291,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         "Each cell: the mean over expert subsets (" + ", ".join(f"N={n}: {c}" for n, c in counts.items())
         + ") with its bootstrap 95% interval over subsets and test questions (" + f"{summary['replicates']} "
         "replicates); held-in = merged score / the task's own expert's score, held-out = merged score / that base "
-        "kind's base score (test split). References (same normalization): " + "; ".join(refs) + ". Model sizes: "
+        f"kind's base score (test split; held-out tasks: {', '.join(summary['held_out'])}). References (same "
+        "normalization): " + "; ".join(refs) + ". Model sizes: "
         + "; ".join(f"{zoo['name']} {zoo['parameters'] / 1e6:.2f}M parameters ({', '.join(zoo['kinds'])})"
                     for zoo in summary["zoos"]) + ".")
     return "\n".join(lines)
@@ -281,7 +300,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
 
 def experts_markdown(summary: Mapping[str, Any]) -> str:
     """The raw test scores the normalization divides by: each kind's base and each expert on its own task."""
-    tasks = [*summary["held_in"], *summary["held_out"]]
+    tasks = [*summary["held_in"], *summary["held_out"], *summary["held_out_left_out"]]
     lines = ["| model | " + " | ".join(tasks) + " |", "|" + " --- |" * (1 + len(tasks))]
     for kind, ref in summary["references"].items():
         lines.append(f"| {kind} base | " + " | ".join(f"{ref['base_scores'][t]:.2f}" for t in tasks) + " |")
@@ -293,12 +312,12 @@ def experts_markdown(summary: Mapping[str, Any]) -> str:
         lines.append("")
         lines.append(f"Expert gate (each held-in expert ≥ {gate['threshold']} on its own test task): "
                      + ("passed by every expert." if not failed else f"FAILED by {failed}."))
-    few = [f"{kind}/{task} {right} of {total}" for kind, ref in summary["references"].items()
-           for task in summary["held_out"] for right, total in [ref["base_right"][task]] if right < FEW_ANSWERS]
-    if few:
+    if summary["held_out_left_out"]:
+        few = "; ".join(f"{task} (" + ", ".join(f"{kind} {right} of {total}" for kind, (right, total) in by_kind.items())
+                        + ")" for task, by_kind in summary["held_out_left_out"].items())
         lines.append("")
-        lines.append(f"Held-out normalizers resting on fewer than {FEW_ANSWERS} right answers (a few answers swing "
-                     f"that kind's held-out ratios): {', '.join(few)}.")
+        lines.append(f"Left out of every held-out mean, for all base kinds and sizes (a base answers fewer than "
+                     f"{summary['held_out_min_right']} of its questions: a normalizer of a handful of answers): {few}.")
     return "\n".join(lines)
 
 

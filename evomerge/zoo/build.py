@@ -143,16 +143,8 @@ def zoo_base(spec: ZooSpec, home: str | Path) -> Iterator[Path]:
     steps, ~20 min at the second model size); a later `build_zoo` resumes there. Held under the zoo's build lock
     while in use, so no concurrent build renames it away."""
     final = zoo_dir(spec, home)
-    with build_lock(final):
-        if (final / "zoo_report.json").is_file():
-            yield final
-            return
-        work = final.with_name(final.name + ".partial")
-        work.mkdir(exist_ok=True)
-        with reproducible_torch():
-            for stage in _BASE_STAGES.values():
-                stage(spec, work)
-        yield work
+    with staged_build(final, {name: functools.partial(stage, spec) for name, stage in _BASE_STAGES.items()}) as built:
+        yield final if built is None else built[0]
 
 
 @contextlib.contextmanager
@@ -187,15 +179,15 @@ def build_lock(final: Path) -> Iterator[None]:
         lock.release()
 
 
-def build_in_stages(
-    final: Path, stages: Mapping[str, Callable[[Path], None]], report: Callable[[Path], dict], spec: dict
-) -> Path:
-    """Build a zoo in `<final>.partial`, stage by stage (a killed build resumes there: each stage skips what
-    it finished), then write `spec.json` and `zoo_report.json` (with each stage's seconds) and rename it.
-    All under the build lock; a zoo another process finished while this one waited is returned as it is."""
+@contextlib.contextmanager
+def staged_build(final: Path, stages: Mapping[str, Callable[[Path], None]]) -> Iterator[tuple[Path, dict] | None]:
+    """Under `final`'s build lock: None when that zoo is finished, else its `.partial` directory after running
+    `stages` there in order (a killed build resumes: each stage skips what it finished), with each stage's seconds.
+    Torch stays reproducible until the caller is done."""
     with build_lock(final):
         if (final / "zoo_report.json").is_file():
-            return final
+            yield None
+            return
         work = final.with_name(final.name + ".partial")
         work.mkdir(exist_ok=True)
         timings = {}
@@ -204,9 +196,21 @@ def build_in_stages(
                 started = time.perf_counter()
                 stage(work)
                 timings[name] = round(time.perf_counter() - started, 1)
-            started = time.perf_counter()
-            result = report(work)
-            timings["report"] = round(time.perf_counter() - started, 1)
+            yield work, timings
+
+
+def build_in_stages(
+    final: Path, stages: Mapping[str, Callable[[Path], None]], report: Callable[[Path], dict], spec: dict
+) -> Path:
+    """Build a zoo with `staged_build`, then write `spec.json` and `zoo_report.json` (with each stage's seconds)
+    and rename it into place; a zoo another process finished while this one waited is returned as it is."""
+    with staged_build(final, stages) as built:
+        if built is None:
+            return final
+        work, timings = built
+        started = time.perf_counter()
+        result = report(work)
+        timings["report"] = round(time.perf_counter() - started, 1)
         (work / "spec.json").write_text(json.dumps(spec, indent=2))
         _write_json(work / "build.json", {"seconds": timings, "torch_threads": BUILD_THREADS})
         _write_json(work / "zoo_report.json", result)  # no timings in it: two builds of one spec give the same bytes
